@@ -1,0 +1,308 @@
+"""Conv in NumPy: im2col + BLAS GEMM; 1x1 stride-1 convs as a plain GEMM; depthwise as a loop over taps.
+
+The factory packs the weight once into one GEMM matrix per group, ``(groups, K/groups, C/groups*kh*kw)``,
+whose columns follow the im2col row order (channel, tap row, tap column). :class:`ConvKernel` holds the
+orchestration shared with the numba backend (dense vs gated, which rows and columns of the GEMM to use);
+the arithmetic lives in three microkernels (:class:`ConvMicrokernels`) that a backend may replace.
+
+Gating (see :mod:`parsicore.kernels.base`): with ``active_out`` only the listed output channels are
+computed (those rows of the packed weight) and the others written as 0; with ``active_in`` the input
+channels not listed are all zero, so their im2col rows and weight columns are skipped. A depthwise output
+channel whose input channel is inactive is ``act(bias)`` everywhere and is filled without computing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from parsicore.kernels.base import Activation, KernelSpec, apply_activation
+
+#: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
+MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Sizes of one Conv: input (c, h, w), output (k, ho, wo), kernel, stride, dilation, pads, groups."""
+
+    c: int
+    h: int
+    w: int
+    k: int
+    ho: int
+    wo: int
+    kh: int
+    kw: int
+    stride_h: int
+    stride_w: int
+    dil_h: int
+    dil_w: int
+    top: int
+    left: int
+    bottom: int
+    right: int
+    groups: int
+
+    @classmethod
+    def from_spec(cls, spec: KernelSpec) -> ConvGeometry:
+        c, h, w = spec.in_shapes[0]
+        k, ho, wo = spec.out_shapes[0]
+        _, _, kh, kw = np.shape(spec.weights["weight"])
+        a = spec.attrs
+        top, left, bottom, right = a.pads
+        return cls(c, h, w, k, ho, wo, kh, kw, a.stride[0], a.stride[1], a.dilation[0], a.dilation[1],
+                   top, left, bottom, right, a.groups)
+
+    @property
+    def cg(self) -> int:
+        """Input channels per group."""
+        return self.c // self.groups
+
+    @property
+    def kg(self) -> int:
+        """Output channels per group."""
+        return self.k // self.groups
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.c == self.k
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1, stride 1, no padding: the im2col matrix is the input itself."""
+        return (self.kh, self.kw, self.stride_h, self.stride_w) == (1, 1, 1, 1) and not any(
+            (self.top, self.left, self.bottom, self.right))
+
+    @property
+    def pixels(self) -> int:
+        """Output positions per image (Ho*Wo), the GEMM's column count."""
+        return self.ho * self.wo
+
+
+def conv_path(geom: ConvGeometry) -> str:
+    """The kernel path a Conv takes: ``depthwise``, ``gemm_1x1`` or ``im2col_gemm``."""
+    if geom.is_depthwise:
+        return "depthwise"
+    if geom.is_pointwise:
+        return "gemm_1x1"
+    return "im2col_gemm"
+
+
+# --- NumPy microkernels -------------------------------------------------------------------------------
+
+
+def pad_images(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """x: float32 (N, C, H, W) -> (N, C, H+top+bottom, W+left+right) with zeros around; x itself without pads."""
+    if not any((geom.top, geom.left, geom.bottom, geom.right)):
+        return x
+    n, c, h, w = x.shape
+    padded = np.zeros((n, c, h + geom.top + geom.bottom, w + geom.left + geom.right), dtype=np.float32)
+    padded[:, :, geom.top:geom.top + h, geom.left:geom.left + w] = x
+    return padded
+
+
+def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry) -> np.ndarray:
+    """x: float32 (N, C, H, W); channels: int64 (C_sel,) or None (all) -> float32 (N, C_sel*kh*kw, Ho*Wo).
+
+    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel ``channels[c]`` at every output position.
+    """
+    if channels is not None:
+        x = x[:, channels]
+    n, c, h, w = x.shape
+    if geom.is_pointwise:
+        return x.reshape(n, c, h * w)
+    padded = pad_images(x, geom)
+    extent_h = geom.dil_h * (geom.kh - 1) + 1
+    extent_w = geom.dil_w * (geom.kw - 1) + 1
+    # (N, C, positions_h, positions_w, extent_h, extent_w), then keep strided positions and dilated taps.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (extent_h, extent_w), axis=(2, 3))
+    windows = windows[:, :, ::geom.stride_h, ::geom.stride_w, ::geom.dil_h, ::geom.dil_w][:, :, :geom.ho, :geom.wo]
+    cols = np.empty((n, c, geom.kh, geom.kw, geom.ho, geom.wo), dtype=np.float32)
+    np.copyto(cols, windows.transpose(0, 1, 4, 5, 2, 3))
+    return cols.reshape(n, c * geom.kh * geom.kw, geom.pixels)
+
+
+def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None) -> None:
+    """y: float32 (N, K, P) in place: add bias (K,) per channel, then the activation."""
+    if bias is not None:
+        np.add(y, bias[None, :, None], out=y)
+    apply_activation(y, act)
+
+
+def _depthwise_taps(x: np.ndarray, filters: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
+    """x: float32 (N, C, H, W); filters: (C, kh, kw) -> out: float32 (N, C, Ho, Wo), no bias."""
+    padded = pad_images(x, geom)
+    last_h = (geom.ho - 1) * geom.stride_h + 1
+    last_w = (geom.wo - 1) * geom.stride_w + 1
+    product = np.empty_like(out)
+    for i in range(geom.kh):
+        for j in range(geom.kw):
+            h0, w0 = i * geom.dil_h, j * geom.dil_w
+            window = padded[:, :, h0:h0 + last_h:geom.stride_h, w0:w0 + last_w:geom.stride_w]
+            tap = filters[None, :, i, j, None, None]
+            if i == 0 and j == 0:
+                np.multiply(window, tap, out=out)
+            else:
+                np.multiply(window, tap, out=product)
+                np.add(out, product, out=out)
+
+
+def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+              modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray) -> None:
+    """Depthwise conv with its epilogue. x: float32 (N, C, H, W); filters: (C, kh, kw); bias: (C,) or None;
+    modes: int8 (N, C) of MODE_* or None (compute all) -> out: float32 (N, C, Ho, Wo), written completely."""
+    n = x.shape[0]
+    if modes is None:
+        _depthwise_taps(x, filters, geom, out)
+        bias_activation(out.reshape(n, geom.c, geom.pixels), bias, act)
+        return
+    for i in range(n):
+        compute = np.flatnonzero(modes[i] == MODE_COMPUTE)
+        constant = np.flatnonzero(modes[i] == MODE_BIAS)
+        out[i] = 0.0
+        if compute.size:
+            part = np.empty((1, compute.size, geom.ho, geom.wo), dtype=np.float32)
+            _depthwise_taps(x[i:i + 1, compute], filters[compute], geom, part)
+            bias_activation(part.reshape(1, compute.size, geom.pixels), None if bias is None else bias[compute], act)
+            out[i, compute] = part[0]
+        if constant.size:
+            values = np.zeros((1, constant.size, 1), dtype=np.float32)
+            bias_activation(values, None if bias is None else bias[constant], act)
+            out[i, constant] = values[0, :, :, None]
+
+
+@dataclass(frozen=True)
+class ConvMicrokernels:
+    """The arithmetic a backend supplies; signatures as :func:`im2col`, :func:`depthwise`, :func:`bias_activation`."""
+
+    im2col: Callable[[np.ndarray, np.ndarray | None, ConvGeometry], np.ndarray]
+    depthwise: Callable[..., None]
+    bias_activation: Callable[[np.ndarray, np.ndarray | None, Activation | None], None]
+
+
+NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation)
+
+
+# --- Orchestration ------------------------------------------------------------------------------------
+
+
+def _index_lists(lists: Sequence[np.ndarray] | None, n: int, limit: int, what: str) -> list[np.ndarray] | None:
+    if lists is None:
+        return None
+    if len(lists) != n:
+        raise ValueError(f"{what} has {len(lists)} entries for a batch of {n}")
+    out = []
+    for channels in lists:
+        channels = np.asarray(channels, dtype=np.int64).reshape(-1)
+        if channels.size and (channels[0] < 0 or channels[-1] >= limit):
+            raise ValueError(f"{what} holds a channel outside 0..{limit - 1}")
+        out.append(channels)
+    return out
+
+
+class ConvKernel:
+    """One Conv with packed weights: ``kernel([x], [y], active_out=None, active_in=None)``.
+
+    x: float32 (N, C, H, W), any strides; y: float32 (N, K, Ho, Wo), C-contiguous, overwritten.
+    """
+
+    def __init__(self, spec: KernelSpec, micro: ConvMicrokernels) -> None:
+        geom = ConvGeometry.from_spec(spec)
+        weight = np.asarray(spec.weights["weight"], dtype=np.float32)
+        if weight.shape != (geom.k, geom.cg, geom.kh, geom.kw):
+            raise ValueError(f"weight shape {weight.shape} does not match the conv geometry {geom}")
+        self.geom = geom
+        self.path = conv_path(geom)
+        self.micro = micro
+        self.activation = spec.activation
+        # One GEMM matrix per group: rows are output channels, columns follow im2col's row order.
+        self.packed = np.ascontiguousarray(weight.reshape(geom.groups, geom.kg, geom.cg * geom.kh * geom.kw))
+        # The same numbers as (K, C/groups, kh*kw): gated paths gather rows and whole-channel column blocks.
+        self.taps = self.packed.reshape(geom.k, geom.cg, geom.kh * geom.kw)
+        self.filters = self.packed.reshape(geom.c, geom.kh, geom.kw) if geom.is_depthwise else None
+        bias = spec.weights.get("bias")
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
+
+    def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
+                 active_out: Sequence[np.ndarray] | None = None,
+                 active_in: Sequence[np.ndarray] | None = None) -> None:
+        x, y = inputs[0], outputs[0]
+        g = self.geom
+        n = x.shape[0]
+        if x.shape[1:] != (g.c, g.h, g.w):
+            raise ValueError(f"Conv input has shape {x.shape}, expected (N, {g.c}, {g.h}, {g.w})")
+        if y.shape != (n, g.k, g.ho, g.wo) or not y.flags.c_contiguous:
+            raise ValueError(f"Conv output must be C-contiguous {(n, g.k, g.ho, g.wo)}, got {y.shape}")
+        rows = _index_lists(active_out, n, g.k, "active_out")
+        chans = _index_lists(active_in, n, g.c, "active_in")
+        if self.path == "depthwise":
+            modes = None if rows is None and chans is None else self._depthwise_modes(n, rows, chans)
+            self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y)
+        elif rows is None and chans is None:
+            self._dense(x, y)
+        else:
+            for i in range(n):
+                self._gated_image(x[i:i + 1], y[i], None if rows is None else rows[i],
+                                  None if chans is None else chans[i])
+
+    def _dense(self, x: np.ndarray, y: np.ndarray) -> None:
+        g = self.geom
+        n = x.shape[0]
+        cols = self.micro.im2col(x, None, g)
+        # (groups, K/g, C/g*kk) @ (N, groups, C/g*kk, P) -> (N, groups, K/g, P): a view of y.
+        np.matmul(self.packed, cols.reshape(n, g.groups, -1, g.pixels), out=y.reshape(n, g.groups, g.kg, g.pixels))
+        self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation)
+
+    def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None) -> None:
+        """x: (1, C, H, W); y: (K, Ho, Wo); rows/chans: sorted active output/input channels (None = all)."""
+        g = self.geom
+        out = y.reshape(g.k, g.pixels)
+        out.fill(0.0)
+        for group in range(g.groups):
+            k0, c0 = group * g.kg, group * g.cg
+            rows_g = np.arange(k0, k0 + g.kg) if rows is None else _within(rows, k0, k0 + g.kg)
+            if rows_g.size == 0:
+                continue
+            all_chans = chans is None or (g.groups == 1 and chans.size == g.c)
+            chans_g = np.arange(c0, c0 + g.cg) if chans is None else _within(chans, c0, c0 + g.cg)
+            values = np.zeros((1, rows_g.size, g.pixels), dtype=np.float32)
+            if chans_g.size:
+                if all_chans:
+                    weight = self.packed[group] if rows is None else self.packed[group][rows_g - k0]
+                    cols = self.micro.im2col(x, None if g.groups == 1 else chans_g, g)[0]
+                else:
+                    weight = self.taps[np.ix_(rows_g, chans_g - c0)].reshape(rows_g.size, -1)
+                    cols = self.micro.im2col(x, chans_g, g)[0]
+                np.matmul(weight, cols, out=values[0])
+            self.micro.bias_activation(values, None if self.bias is None else self.bias[rows_g], self.activation)
+            out[rows_g] = values[0]
+
+    def _depthwise_modes(self, n: int, rows: list[np.ndarray] | None, chans: list[np.ndarray] | None) -> np.ndarray:
+        modes = np.full((n, self.geom.c), MODE_COMPUTE, dtype=np.int8)
+        for i in range(n):
+            if chans is not None:
+                active = np.zeros(self.geom.c, dtype=bool)
+                active[chans[i]] = True
+                modes[i, ~active] = MODE_BIAS
+            if rows is not None:
+                active = np.zeros(self.geom.c, dtype=bool)
+                active[rows[i]] = True
+                modes[i, ~active] = MODE_ZERO
+        return modes
+
+
+def _within(sorted_channels: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The entries of a sorted index array in [lo, hi)."""
+    start, stop = np.searchsorted(sorted_channels, (lo, hi))
+    return sorted_channels[start:stop]
+
+
+def make_conv(spec: KernelSpec) -> ConvKernel:
+    """Factory: pack the weights of a Conv for the NumPy backend."""
+    return ConvKernel(spec, NUMPY_MICROKERNELS)
+
+
+FACTORIES = {"Conv": make_conv}
