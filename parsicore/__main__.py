@@ -1,0 +1,4 @@
+"""python -m parsicore"""
+from parsicore.cli import main
+
+main()

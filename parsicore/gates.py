@@ -1,0 +1,80 @@
+"""Switches -> channel masks. The only place thresholds and keep ratios are applied.
+
+Gate kernels compute raw switches (LKAM: sigmoid outputs in (0, 1); top-k: saliencies); this module
+turns them into mask values the ChannelMask multiplies by, honouring a per-call override of the
+threshold (LKAM) or keep ratio (top-k), and tells the runtime which channels are on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from parsicore.errors import InputError
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """InputError unless None or a finite number in [0, 1]."""
+    if threshold is None:
+        return None
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not (0.0 <= t <= 1.0):
+        raise InputError(f"threshold must be in [0, 1], got {threshold!r}")
+    return t
+
+
+def check_keep(keep: float | None) -> float | None:
+    """InputError unless None or a number in (0, 1]."""
+    if keep is None:
+        return None
+    try:
+        k = float(keep)
+    except (TypeError, ValueError):
+        raise InputError(f"keep ratio must be a number in (0, 1], got {keep!r}") from None
+    if not (0.0 < k <= 1.0):
+        raise InputError(f"keep ratio must be in (0, 1], got {keep!r}")
+    return k
+
+
+def lkam_mask(switches: np.ndarray, threshold: float, mode: str) -> np.ndarray:
+    """switches: float32 (N, K) in (0, 1) -> mask float32 (N, K): on iff s > threshold; hard 1/0, scaled s/0."""
+    on = switches > np.float32(threshold)
+    if mode == "scaled":
+        return np.where(on, switches, np.float32(0.0)).astype(np.float32)
+    return on.astype(np.float32)
+
+
+def topk_mask(saliency: np.ndarray, keep_ratio: float, scaled: bool) -> np.ndarray:
+    """saliency: float32 (N, K) -> mask float32 (N, K) keeping the ceil(keep_ratio*K) largest per row.
+
+    Ties keep the lower channel index (a stable sort on -saliency). Scaled keeps the saliency as the mask
+    value, else 1.0.
+    """
+    n, k = saliency.shape
+    keep = min(k, max(1, math.ceil(keep_ratio * k - 1e-9)))
+    order = np.argsort(-saliency, axis=1, kind="stable")[:, :keep]
+    mask = np.zeros_like(saliency, dtype=np.float32)
+    rows = np.arange(n)[:, None]
+    mask[rows, order] = saliency[rows, order] if scaled else np.float32(1.0)
+    return mask
+
+
+def mask_from_switches(op_type: str, attrs: object, switches: np.ndarray,
+                       threshold: float | None = None, keep: float | None = None) -> np.ndarray:
+    """The mask a gate node outputs: its stored threshold/keep ratio unless overridden for this call."""
+    if op_type == "LKAMGate":
+        t = attrs.threshold if threshold is None else threshold  # type: ignore[attr-defined]
+        return lkam_mask(switches, t, attrs.mode)  # type: ignore[attr-defined]
+    if op_type == "TopKGate":
+        r = attrs.keep_ratio if keep is None else keep  # type: ignore[attr-defined]
+        return topk_mask(switches, r, attrs.scaled)  # type: ignore[attr-defined]
+    raise ValueError(f"{op_type} is not a gate")
+
+
+def active_channels(mask: np.ndarray) -> list[np.ndarray]:
+    """mask: (N, K) -> per image the sorted int64 indices of channels with a non-zero mask value."""
+    return [np.flatnonzero(row).astype(np.int64) for row in mask]

@@ -1,0 +1,1 @@
+"""Optional importers (ONNX); the framework packages are optional extras, imported lazily."""

@@ -1,0 +1,112 @@
+"""What a backend kernel receives and how it is called. Arithmetic only: no thresholds, no gates.
+
+A backend maps op types to *factories*: ``factory(spec: KernelSpec) -> Kernel``. The factory runs once at
+load time (it may pack weights into the layout it likes); the kernel runs every call::
+
+    kernel(inputs, outputs)                                   # every op
+    kernel(inputs, outputs, active_out=..., active_in=...)    # ops with supports_gating (Conv)
+
+- ``inputs``: float32 arrays with the batch dimension, shapes ``(N, *spec.in_shapes[i])``; they may be
+  non-contiguous views and must not be modified.
+- ``outputs``: preallocated C-contiguous float32 arrays ``(N, *spec.out_shapes[i])`` that the kernel
+  overwrites completely (their previous content is garbage from an earlier run).
+- ``active_out``: None (all channels) or one sorted int64 array per image of the output channels that
+  must be computed; the others must be written as 0.
+- ``active_in``: None or one sorted int64 array per image of the input channels that may be non-zero;
+  the others are known to be all zero and may be skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+Shape = tuple[int, ...]
+
+#: Fusable element-wise activations (the epilogue of Conv and Gemm) and their parameters.
+ACTIVATION_KINDS = (
+    "relu", "clip", "leaky_relu", "sigmoid", "tanh", "hard_sigmoid", "hard_swish", "silu",
+)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An element-wise activation fused into a kernel's epilogue.
+
+    kind: one of ACTIVATION_KINDS. Parameters: ``clip`` uses lo/hi (ReLU6 is clip 0..6); ``leaky_relu``
+    uses alpha (slope for x < 0); ``hard_sigmoid`` uses alpha/beta (max(0, min(1, alpha*x + beta))).
+    """
+
+    kind: str
+    alpha: float = 0.0
+    beta: float = 0.0
+    lo: float = 0.0
+    hi: float = 0.0
+
+
+def apply_activation(y: np.ndarray, act: Activation | None) -> None:
+    """Apply ``act`` to float32 array ``y`` in place (any shape). The NumPy definition every backend meets."""
+    if act is None:
+        return
+    k = act.kind
+    if k == "relu":
+        np.maximum(y, 0.0, out=y)
+    elif k == "clip":
+        np.clip(y, act.lo, act.hi, out=y)
+    elif k == "leaky_relu":
+        np.multiply(y, np.where(y < 0, np.float32(act.alpha), np.float32(1.0)), out=y)
+    elif k == "sigmoid":
+        # exp of -|y| never overflows; the two branches are the same function.
+        e = np.exp(-np.abs(y))
+        np.copyto(y, np.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32))
+    elif k == "tanh":
+        np.tanh(y, out=y)
+    elif k == "hard_sigmoid":
+        np.multiply(y, np.float32(act.alpha), out=y)
+        np.add(y, np.float32(act.beta), out=y)
+        np.clip(y, 0.0, 1.0, out=y)
+    elif k == "hard_swish":
+        np.multiply(y, np.clip(y + np.float32(3.0), 0.0, 6.0) / np.float32(6.0), out=y)
+    elif k == "silu":
+        s = np.empty_like(y)
+        np.copyto(s, y)
+        apply_activation(s, Activation("sigmoid"))
+        np.multiply(y, s, out=y)
+    else:
+        raise ValueError(f"unknown activation {k!r}")
+
+
+def keeps_zero(act: Activation | None) -> bool:
+    """True when act(0) == 0, so channels known to be zero stay zero through it."""
+    if act is None:
+        return True
+    if act.kind in ("sigmoid", "hard_sigmoid"):
+        return False
+    if act.kind == "clip":
+        return act.lo <= 0.0 <= act.hi
+    return True
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything a factory needs, fixed at load time.
+
+    op: op type (``"Conv"``); attrs: the op's attribute dataclass; weights: float32 arrays by name (for a
+    Conv, BatchNorm has already been folded into ``weight``/``bias``); in_shapes/out_shapes: feature
+    shapes (without N); activation: a fused epilogue (Conv and Gemm only), applied after the bias.
+    """
+
+    op: str
+    attrs: Any
+    weights: Mapping[str, np.ndarray]
+    in_shapes: tuple[Shape, ...]
+    out_shapes: tuple[Shape, ...]
+    activation: Activation | None = None
+    name: str = field(default="", compare=False)
+
+
+class Kernel(Protocol):
+    def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], **gating: Any) -> None: ...

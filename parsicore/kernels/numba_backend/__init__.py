@@ -1,0 +1,21 @@
+"""The ``numba`` backend: JIT kernels where they pay (im2col, depthwise, pooling), NumPy elsewhere.
+
+Importing this package imports Numba, so it is only imported when the numba backend is chosen. The JIT
+cache directory is set here, before Numba reads its configuration (see :mod:`.cache`).
+"""
+
+from __future__ import annotations
+
+from parsicore.kernels.numba_backend import cache as _cache
+
+_cache.configure_cache_dir()
+
+from parsicore.kernels import numpy_backend  # noqa: E402
+from parsicore.kernels.numba_backend import conv, pool  # noqa: E402
+
+#: Families with a Numba kernel; every other op uses the numpy backend's factory.
+FAMILIES = {"conv": conv, "pool": pool}
+
+FACTORIES = {**numpy_backend.FACTORIES}
+for _family in FAMILIES.values():
+    FACTORIES.update(_family.FACTORIES)
