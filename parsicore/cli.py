@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from parsicore.errors import ParsicoreError
 
@@ -201,7 +200,7 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
         sys.exit(EXIT_BAD_INPUT if failures == len(paths) else EXIT_PARTIAL)
 
 
-def _gate_layers(model: Any, x: np.ndarray, threshold: float | None, keep: float | None) -> list[tuple[str, np.ndarray]]:
+def _gate_layers(model: Any, x: Any, threshold: float | None, keep: float | None) -> list[tuple[str, Any]]:
     """Per gated conv: which kernels were on for image 0 (from the captured mask tensors)."""
     tensors, _ = model.run_with_stats(x, threshold=threshold, keep=keep, capture=True)
     return [(s.name, tensors[s.gate_mask][0] != 0) for s in model.plan.gated_steps]
