@@ -35,7 +35,9 @@ class Step:
     in_shapes: tuple[Shape, ...]
     out_shapes: tuple[Shape, ...]
     attrs: Any
-    macs: int  # dense, per image
+    macs: int  # dense, per image, of the op itself
+    #: Dense MACs per image of folded/fused nodes (BN, activation): they run on active channels only.
+    epilogue_macs: int = 0
     #: Mask tensor whose non-zero channels are the only output channels this conv must compute.
     gate_mask: str | None = None
     #: The set of channels known to be zero passes from input 0 to the output.
@@ -74,6 +76,7 @@ class _Draft:
     out: tuple[str, ...] = ()
     names: list[str] = field(default_factory=list)
     macs: int = 0
+    epilogue_macs: int = 0
     removed: bool = False
 
 
@@ -112,13 +115,14 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
                 d.weights["weight"] = fw if w.ndim == 4 else fw[:, :, 0, 0]
                 d.weights["bias"] = fb
                 d.out, d.names = nxt.outputs, d.names + [nxt.name]
+                d.epilogue_macs += nxt.macs
                 draft_of[nxt.name].removed = True
             nxt = sole_consumer(d.out[0])
             act = _activation_of(nxt) if nxt is not None else None
             if act is not None:
                 d.activation = act
                 d.out, d.names = nxt.outputs, d.names + [nxt.name]  # type: ignore[union-attr]
-                d.macs += 0
+                d.epilogue_macs += nxt.macs  # type: ignore[union-attr]
                 draft_of[nxt.name].removed = True  # type: ignore[union-attr]
     kept = [d for d in drafts if not d.removed]
 
@@ -135,7 +139,8 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
             passes = n.attrs.lo <= 0.0 <= n.attrs.hi
         step = Step(
             name=n.name, op_type=n.type, nodes=tuple(d.names), kernel=kernel, inputs=n.inputs, outputs=d.out,
-            in_shapes=n.in_shapes, out_shapes=out_shapes, attrs=n.attrs, macs=d.macs, passes_zero=passes,
+            in_shapes=n.in_shapes, out_shapes=out_shapes, attrs=n.attrs, macs=d.macs, epilogue_macs=d.epilogue_macs,
+            passes_zero=passes,
             is_gate=n.op.is_gate, is_conv=n.type == "Conv",
         )
         if n.type == "Conv":

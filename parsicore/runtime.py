@@ -254,13 +254,16 @@ class Model:
                     for b in range(n)
                 )
                 on = k if active_out is None else float(np.mean([len(a) for a in active_out]))
-                layers.append(LayerStats(step.name, step.op_type, on, k, executed, step.macs * n,
-                                         step.gate_mask is not None))
+                # The fused epilogue (folded BN, activation) runs on the computed channels only.
+                executed += round(step.epilogue_macs * n * on / k)
+                layers.append(LayerStats(step.name, step.op_type, on, k, executed,
+                                         (step.macs + step.epilogue_macs) * n, step.gate_mask is not None))
                 nonzero[step.outputs[0]] = active_out
             else:
                 step.kernel(ins, outs)
-                if step.macs:
-                    layers.append(LayerStats(step.name, step.op_type, 0.0, 0, step.macs * n, step.macs * n, False))
+                macs = (step.macs + step.epilogue_macs) * n
+                if macs:
+                    layers.append(LayerStats(step.name, step.op_type, 0.0, 0, macs, macs, False))
                 nonzero[step.outputs[0]] = _propagate_zero(step, ins, nonzero, tensors)
             for t, arr in zip(step.outputs, outs):
                 tensors[t] = arr
