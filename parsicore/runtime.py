@@ -170,10 +170,11 @@ class Model:
         keep = gates.check_keep(keep)
         n = next(iter(feeds.values())).shape[0]
         start = time.perf_counter()
-        tensors, layers = self._execute(feeds, n, threshold, keep)
-        wanted = self._graph.outputs if not capture else tuple(tensors)
+        tensors, layers = self._execute(feeds, n, threshold, keep, capture)
         # Copies: the workspace is reused by this thread's next call.
-        outputs = {t: np.array(tensors[t], copy=True) for t in wanted}
+        outputs = {t: np.array(tensors[t], copy=True) for t in self._graph.outputs}
+        if capture:
+            outputs = {**tensors, **outputs}
         latency = (time.perf_counter() - start) * 1000.0
         return outputs, RunStats(n, latency, tuple(layers))
 
@@ -217,13 +218,15 @@ class Model:
             self._local.workspace = cache
         return cache
 
-    def _execute(self, feeds: dict[str, np.ndarray], n: int, threshold: float | None,
-                 keep: float | None) -> tuple[dict[str, np.ndarray], list[LayerStats]]:
+    def _execute(self, feeds: dict[str, np.ndarray], n: int, threshold: float | None, keep: float | None,
+                 capture: bool = False) -> tuple[dict[str, np.ndarray], list[LayerStats]]:
+        """Run every step; returns the live tensors (copies of all of them when capture) and layer stats."""
         plan = self._plan
         _, slots, scratch = self._workspace(n)
         if self._threads:
             _set_threads(self._threads, plan.backend)
         tensors: dict[str, np.ndarray] = dict(feeds)
+        captured: dict[str, np.ndarray] = dict(feeds)
         # Per tensor: None (any channel may be non-zero) or per image the channels that may be non-zero.
         nonzero: dict[str, list[np.ndarray] | None] = {}
         layers: list[LayerStats] = []
@@ -267,7 +270,9 @@ class Model:
                 nonzero[step.outputs[0]] = _propagate_zero(step, ins, nonzero, tensors)
             for t, arr in zip(step.outputs, outs):
                 tensors[t] = arr
-        return tensors, layers
+                if capture:
+                    captured[t] = arr.copy()
+        return (captured if capture else tensors), layers
 
 
 def _propagate_zero(step: Step, ins: Sequence[np.ndarray], nonzero: Mapping[str, list[np.ndarray] | None],
