@@ -15,7 +15,9 @@ activation) by the mask, and the engine skips the conv's channels whose mask is 
 
 The references here include the switches -> mask step (threshold or top-k) with plain loops. Backend
 kernels compute only the raw switches (LKAM: ``s``; TopK: ``g``) as (N, K): they never see thresholds;
-:mod:`parsicore.gates` turns switches into masks at run time. These semantics match
+:mod:`parsicore.gates` turns switches into masks at run time. ``switches()`` on the gate ops is the
+reference of that kernel output (a backend built on ``reference`` must call it, not ``reference``, for
+gates: re-thresholding a mask cannot honour a looser run-time threshold or keep ratio). These semantics match
 :mod:`parsicore.export.torch_modules`.
 """
 
@@ -169,6 +171,11 @@ class LKAMGate(OpDef):
             total += weights["w2"][0] * m * height * width
         return int(total)
 
+    def switches(self, attrs: LKAMGateAttrs, inputs: Sequence[np.ndarray],
+                 weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """x: float32 (N, C, H, W) -> raw switches s float32 (N, K): what backend kernels output."""
+        return [lkam_switches(attrs, inputs[0], weights).astype(np.float32)]
+
     def reference(self, attrs: LKAMGateAttrs, inputs: Sequence[np.ndarray],
                   weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """x: float32 (N, C, H, W) -> mask float32 (N, K) for ``attrs.threshold`` and ``attrs.mode``."""
@@ -203,6 +210,11 @@ class TopKGate(OpDef):
         """The fully connected saliency layer's multiply-accumulates per image (pooling is adds only)."""
         k, c = weights["weight"]
         return int(k * c)
+
+    def switches(self, attrs: TopKGateAttrs, inputs: Sequence[np.ndarray],
+                 weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """x: float32 (N, C, H, W) or (N, C) -> raw saliencies g float32 (N, K): what backend kernels output."""
+        return [topk_saliency(attrs, inputs[0], weights).astype(np.float32)]
 
     def reference(self, attrs: TopKGateAttrs, inputs: Sequence[np.ndarray],
                   weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
