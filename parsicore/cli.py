@@ -23,7 +23,10 @@ EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 1
 
 #: Subcommands defined in other modules: name -> "module:attribute" (imported on use).
-LAZY_COMMANDS: dict[str, str] = {}
+LAZY_COMMANDS: dict[str, str] = {
+    "boards": "parsicore.cli_boards:boards_command",
+    "warmup": "parsicore.cli_warmup:warmup",
+}
 
 
 class _Group(click.Group):
@@ -45,8 +48,15 @@ def _version() -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="parsicore")
-def cli() -> None:
+@click.option("--board", metavar="NAME", default=None,
+              help="Board profile to use instead of the detected one (see `parsicore boards`; env PARSICORE_BOARD).")
+@click.pass_context
+def cli(ctx: click.Context, board: str | None) -> None:
     """CNN inference on embedded CPUs; gated kernels that are off are never computed."""
+    if ctx.obj is None:  # invoked without main() (e.g. click's test runner): settings, no environment changes
+        from parsicore.boards import resolve
+
+        ctx.obj = resolve(board)
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -271,10 +281,26 @@ def eval_command(model_path: Path, data: Path, thresholds: str | None, plot_path
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def _apply_board(args: Sequence[str]) -> Any:
+    """Resolve the board profile (--board, PARSICORE_BOARD or detection) and export its settings.
+
+    First thing in main(): OpenBLAS reads its kernel choice and thread count when numpy is first imported.
+    """
+    from parsicore.boards import apply_to_environment, board_option_value, resolve
+
+    settings = resolve(board_option_value(args))
+    apply_to_environment(settings)
+    if settings.notice:
+        click.echo(f"parsicore: notice: {settings.notice}", err=True)
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line and exit 2 for every expected error, never a traceback."""
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        code = cli.main(args=list(argv) if argv is not None else None, prog_name="parsicore", standalone_mode=False)
+        settings = _apply_board(args)
+        code = cli.main(args=args, prog_name="parsicore", standalone_mode=False, obj=settings)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
