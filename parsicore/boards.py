@@ -532,7 +532,9 @@ def effective_settings(profile: BoardProfile, board_source: str, facts: MachineF
         backend = Setting("numpy", f"{src} (numba is not installed)")
     else:
         backend = Setting(profile.backend, src)
-    if backend.source != f"env {ENV_BACKEND}":
+    if backend.source == src and backend.value != ("numba" if numba_installed else "numpy"):
+        # Only a profile that departs from the library default needs the variable (keeps it out of the
+        # environment of child processes otherwise).
         exports[ENV_BACKEND] = str(backend.value)
 
     if env.get("OPENBLAS_CORETYPE"):
