@@ -25,6 +25,8 @@ EXIT_PARTIAL = 1
 #: Subcommands defined in other modules: name -> "module:attribute" (imported on use).
 LAZY_COMMANDS: dict[str, str] = {
     "boards": "parsicore.cli_boards:boards_command",
+    "check": "parsicore.cli_check:check",
+    "convert": "parsicore.cli_convert:convert",
     "warmup": "parsicore.cli_warmup:warmup",
 }
 
