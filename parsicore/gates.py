@@ -7,11 +7,10 @@ threshold (LKAM) or keep ratio (top-k), and tells the runtime which channels are
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from parsicore.errors import InputError
+from parsicore.ops.gates import kept_count
 
 
 def check_threshold(threshold: float | None) -> float | None:
@@ -55,7 +54,7 @@ def topk_mask(saliency: np.ndarray, keep_ratio: float, scaled: bool) -> np.ndarr
     value, else 1.0.
     """
     n, k = saliency.shape
-    keep = min(k, max(1, math.ceil(keep_ratio * k - 1e-9)))
+    keep = min(k, kept_count(keep_ratio, k))
     order = np.argsort(-saliency, axis=1, kind="stable")[:, :keep]
     mask = np.zeros_like(saliency, dtype=np.float32)
     rows = np.arange(n)[:, None]

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from parsicore.errors import GraphError
 from parsicore.graph import Graph, Node
 from parsicore.kernels import factories
-from parsicore.kernels.base import Activation, Kernel, KernelSpec, keeps_zero
+from parsicore.kernels.base import Activation, Kernel, KernelSpec
 from parsicore.ops.base import Shape
 
 
@@ -110,8 +111,11 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
             if nxt is not None and nxt.type == "BatchNorm":
                 w = d.weights["weight"]
                 w4 = w if w.ndim == 4 else w[:, :, None, None]
-                fw, fb = fold_into_conv(w4, d.weights.get("bias"), nxt.weights["scale"], nxt.weights["bias"],
-                                        nxt.weights["mean"], nxt.weights["var"], nxt.attrs.epsilon)
+                try:
+                    fw, fb = fold_into_conv(w4, d.weights.get("bias"), nxt.weights["scale"], nxt.weights["bias"],
+                                            nxt.weights["mean"], nxt.weights["var"], nxt.attrs.epsilon)
+                except ValueError as e:
+                    raise GraphError(f"{graph.source}: node {nxt.name!r} (BatchNorm): {e}") from e
                 d.weights["weight"] = fw if w.ndim == 4 else fw[:, :, 0, 0]
                 d.weights["bias"] = fb
                 d.out, d.names = nxt.outputs, d.names + [nxt.name]
@@ -131,12 +135,11 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
         n = d.node
         out_shapes = tuple(graph.shapes[t] for t in d.out)
         spec = KernelSpec(n.type, n.attrs, d.weights, n.in_shapes, out_shapes, d.activation, name=n.name)
-        kernel = table[n.type](spec)
-        passes = n.op.channelwise and n.op.keeps_zero
-        if n.type == "Pad":
-            passes = n.attrs.value == 0.0
-        elif n.type == "Clip":
-            passes = n.attrs.lo <= 0.0 <= n.attrs.hi
+        try:
+            kernel = table[n.type](spec)
+        except ValueError as e:
+            raise GraphError(f"{graph.source}: node {n.name!r} ({n.type}): {e}") from e
+        passes = n.op.channelwise and n.op.keeps_zero_for(n.attrs)
         step = Step(
             name=n.name, op_type=n.type, nodes=tuple(d.names), kernel=kernel, inputs=n.inputs, outputs=d.out,
             in_shapes=n.in_shapes, out_shapes=out_shapes, attrs=n.attrs, macs=d.macs, epilogue_macs=d.epilogue_macs,

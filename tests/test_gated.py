@@ -3,8 +3,6 @@ the MAC accounting matches the masks, and the run-time knobs (threshold, keep ra
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -12,6 +10,7 @@ from hypothesis import strategies as st
 
 import parsicore
 from parsicore.errors import InputError
+from parsicore.ops.gates import kept_count
 from tests.models import gated_cnn
 from tests.naive import naive_run
 from tests.strategies import backends, seeded_array
@@ -42,7 +41,7 @@ def _near_decision(model, x, threshold, keep) -> bool:
             full = node.op.reference(dataclasses.replace(node.attrs, keep_ratio=1.0, scaled=True),
                                      [tensors[node.inputs[0]]], node.weights)[0]
             r = node.attrs.keep_ratio if keep is None else keep
-            k = min(full.shape[1], max(1, math.ceil(r * full.shape[1] - 1e-9)))
+            k = min(full.shape[1], kept_count(r, full.shape[1]))
             s = -np.sort(-full, axis=1)
             if k < full.shape[1] and np.any(np.abs(s[:, k - 1] - s[:, k]) < 2e-4):
                 return True

@@ -16,7 +16,9 @@ def _make(spec: KernelSpec) -> Any:
     weights = {k: np.asarray(v, dtype=np.float32) for k, v in spec.weights.items()}
 
     def run(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], **gating: Any) -> None:
-        results = op.reference(spec.attrs, inputs, weights)
+        # Gate kernels output raw switches (the runtime applies thresholds), so gates use switches().
+        compute = op.switches if op.is_gate else op.reference  # type: ignore[attr-defined]
+        results = compute(spec.attrs, inputs, weights)
         for out, res in zip(outputs, results):
             out[...] = res
             apply_activation(out, spec.activation)

@@ -140,9 +140,14 @@ class OpDef:
         """Multiply-accumulates per image for a dense run (0 for ops without a meaningful count)."""
         return 0
 
-    def reference(self, attrs: Any, inputs: Sequence[np.ndarray], weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def reference(self, attrs: Any, inputs: Sequence[np.ndarray],
+                  weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Naive computation on whole float32 arrays (batch included)."""
         raise NotImplementedError
+
+    def keeps_zero_for(self, attrs: Any) -> bool:
+        """Whether an all-zero input channel stays all-zero with these attributes (ops refine the class var)."""
+        return self.keeps_zero
 
 
 def require_rank(shape: Shape, rank: int, what: str = "input") -> None:

@@ -432,8 +432,6 @@ def test_engine_topk_mask_rule_agrees_with_reference(case: tuple) -> None:
         np.testing.assert_allclose(got[i], want[i], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="parsicore.gates.topk_mask keeps ceil(r*K - 1e-9) channels; the reference and "
-                   "the torch TopKGate keep ceil(r*K): they differ when r*K lands just above an integer")
 def test_engine_topk_count_agrees_with_reference_when_ratio_times_k_rounds_up() -> None:
     from parsicore import gates
 
