@@ -159,8 +159,8 @@ def test_any_image_mode_and_size(capsys, model_path, tmp_path, mode):
 
 
 def test_gate_map_written(capsys, tmp_path):
-    from tests.models import gated_cnn
     from parsicore.format import write_model
+    from tests.models import gated_cnn
 
     model = tmp_path / "gated.h5"
     write_model(gated_cnn(0), model)
