@@ -183,7 +183,10 @@ def bundled_photos() -> dict[str, Path]:
     """name -> path of each :data:`BUNDLED_PHOTOS` entry whose package is installed (found without importing it)."""
     found: dict[str, Path] = {}
     for package, relative, name in BUNDLED_PHOTOS:
-        spec = importlib.util.find_spec(package)
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):  # ValueError: a module stubbed out in sys.modules
+            continue
         if spec is None or not spec.submodule_search_locations:
             continue
         path = Path(next(iter(spec.submodule_search_locations))) / relative
