@@ -1,0 +1,263 @@
+"""Conv: attributes, shape/MAC rules, the naive reference against torch, and every kernel path of every fast
+backend against the reference (im2col-GEMM, 1x1 GEMM, depthwise, grouped, gated rows/columns)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from parsicore.kernels import factories
+from parsicore.kernels.base import ACTIVATION_KINDS, KernelSpec, apply_activation
+from parsicore.kernels.numpy_backend.conv import ConvGeometry, conv_path
+from parsicore.ops.base import parse_attrs
+from parsicore.ops.conv import ConvAttrs, ConvOp
+from tests.ops._strategies_conv import ConvCase, activation_of_kind, channel_lists, conv_cases
+from tests.strategies import backends, seeded_array
+
+CONV = ConvOp()
+BACKENDS = backends()
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _spec(case: ConvCase) -> KernelSpec:
+    return KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, name="conv")
+
+
+def run_kernel(backend: str, case: ConvCase, x: np.ndarray | None = None, **gating: object) -> np.ndarray:
+    """The backend's output for case (or for input x), starting from a NaN-filled output buffer."""
+    x = case.x if x is None else x
+    kernel = factories(backend)["Conv"](_spec(case))
+    y = np.full((x.shape[0], *case.out_shape), np.nan, dtype=np.float32)
+    kernel([x], [y], **gating)
+    return y
+
+
+def expected(case: ConvCase, active_out: list[np.ndarray] | None = None,
+             active_in: list[np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """Dense reference with inactive input channels zeroed and inactive output channels zeroed after the
+    epilogue; and the magnitude the tolerance scales with."""
+    x = np.array(case.x, dtype=np.float32)
+    if active_in is not None:
+        for n, chans in enumerate(active_in):
+            x[n, np.setdiff1d(np.arange(x.shape[1]), chans)] = 0.0
+    (pre,) = CONV.reference(case.attrs, [x], case.weights)
+    y = pre.copy()
+    apply_activation(y, case.activation)
+    if active_out is not None:
+        for n, rows in enumerate(active_out):
+            y[n, np.setdiff1d(np.arange(y.shape[1]), rows)] = 0.0
+    return y, float(max(1.0, np.abs(pre).max(initial=0.0)))
+
+
+def zero_inactive(x: np.ndarray, active_in: list[np.ndarray], fill: float = 0.0) -> np.ndarray:
+    """A contiguous copy of x with every input channel not in active_in set to ``fill``."""
+    out = np.array(x, dtype=np.float32)
+    for n, chans in enumerate(active_in):
+        out[n, np.setdiff1d(np.arange(x.shape[1]), chans)] = fill
+    return out
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, scale: float) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def path_of(case: ConvCase) -> str:
+    return conv_path(ConvGeometry.from_spec(_spec(case)))
+
+
+# --- attributes, shapes, MACs ---------------------------------------------------------------------------
+
+
+def test_attrs_parse_and_check() -> None:
+    attrs = parse_attrs(ConvAttrs, {"stride": [2, 1], "pads": [1, 0, 2, 0], "groups": 2, "kernel": [3, 3]})
+    assert attrs == ConvAttrs(stride=(2, 1), pads=(1, 0, 2, 0), groups=2, kernel=(3, 3))
+    for bad in ({"stride": [0, 1]}, {"dilation": [1, 0]}, {"pads": [0, -1, 0, 0]}, {"groups": 0},
+                {"kernel": [0, 3]}, {"pads": [1, 1]}, {"stride": 2}, {"padding": [1, 1, 1, 1]}):
+        with pytest.raises(ValueError):
+            parse_attrs(ConvAttrs, bad)
+
+
+def test_infer_output_shape_and_macs() -> None:
+    attrs = ConvAttrs(stride=(2, 3), pads=(1, 2, 0, 1), dilation=(2, 1))
+    weights = {"weight": (8, 3, 3, 2), "bias": (8,)}
+    # Ho = (10 + 1 + 0 - 2*2 - 1)//2 + 1 = 4; Wo = (7 + 2 + 1 - 1 - 1)//3 + 1 = 3.
+    assert CONV.infer(attrs, [(3, 10, 7)], weights) == [(8, 4, 3)]
+    assert CONV.macs(attrs, [(3, 10, 7)], [(8, 4, 3)], weights) == 8 * 4 * 3 * 3 * 3 * 2
+    grouped = ConvAttrs(groups=4, pads=(1, 1, 1, 1))
+    assert CONV.infer(grouped, [(8, 5, 5)], {"weight": (12, 2, 3, 3)}) == [(12, 5, 5)]
+    assert CONV.macs(grouped, [(8, 5, 5)], [(12, 5, 5)], {"weight": (12, 2, 3, 3)}) == 12 * 25 * 2 * 9
+    assert ConvOp.supports_gating is True
+
+
+@pytest.mark.parametrize(("attrs", "in_shape", "weights"), [
+    (ConvAttrs(), (3, 5, 5), {"weight": (4, 2, 3, 3)}),                  # weight channels != C
+    (ConvAttrs(groups=2), (3, 5, 5), {"weight": (4, 1, 3, 3)}),          # C not divisible by groups
+    (ConvAttrs(groups=2), (4, 5, 5), {"weight": (3, 2, 3, 3)}),          # K not divisible by groups
+    (ConvAttrs(), (3, 5, 5), {"weight": (4, 3, 3)}),                     # weight rank
+    (ConvAttrs(), (3, 5, 5), {"weight": (4, 3, 3, 3), "bias": (3,)}),    # bias length
+    (ConvAttrs(kernel=(3, 3)), (3, 5, 5), {"weight": (4, 3, 1, 1)}),     # kernel attr != weight
+    (ConvAttrs(), (3, 2, 5), {"weight": (4, 3, 3, 3)}),                  # output height 0
+    (ConvAttrs(dilation=(1, 3)), (3, 5, 5), {"weight": (4, 3, 3, 3)}),   # dilated extent 7 > 5
+    (ConvAttrs(), (3, 5), {"weight": (4, 3, 3, 3)}),                     # input rank
+])
+def test_infer_rejects_inconsistent_shapes(attrs: ConvAttrs, in_shape: tuple[int, ...],
+                                           weights: dict[str, tuple[int, ...]]) -> None:
+    with pytest.raises(ValueError):
+        CONV.infer(attrs, [in_shape], weights)
+
+
+@pytest.mark.parametrize("path", ["im2col_gemm", "depthwise", "grouped"])
+@given(data=st.data())
+def test_reference_matches_torch(path: str, data: st.DataObject) -> None:
+    torch = pytest.importorskip("torch")
+    case = data.draw(conv_cases(path, activation=False))
+    a = case.attrs
+    top, left, bottom, right = a.pads
+    x = torch.nn.functional.pad(torch.from_numpy(np.array(case.x)), (left, right, top, bottom))
+    bias = None if case.bias is None else torch.from_numpy(case.bias)
+    want = torch.nn.functional.conv2d(x, torch.from_numpy(case.weight), bias, stride=a.stride,
+                                      dilation=a.dilation, groups=a.groups).numpy()
+    (got,) = CONV.reference(a, [case.x], case.weights)
+    assert got.shape == want.shape
+    assert_close(got, want, float(max(1.0, np.abs(want).max())))
+
+
+# --- dense kernel paths ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=conv_cases("im2col_gemm"))
+def test_conv_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:
+    assert path_of(case) == "im2col_gemm"
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=conv_cases("gemm_1x1"))
+def test_conv_1x1_gemm_matches_reference(backend: str, case: ConvCase) -> None:
+    assert path_of(case) == "gemm_1x1"
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=conv_cases("depthwise"))
+def test_conv_depthwise_matches_reference(backend: str, case: ConvCase) -> None:
+    assert path_of(case) == "depthwise"
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=conv_cases("grouped"))
+def test_conv_grouped_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:
+    assert path_of(case) in ("im2col_gemm", "gemm_1x1")
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+@given(data=st.data())
+def test_conv_fused_activation_every_kind(backend: str, kind: str, data: st.DataObject) -> None:
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "depthwise"])), activation=False))
+    case = ConvCase(case.attrs, case.x * 3, case.weight, case.bias, data.draw(activation_of_kind(kind)),
+                    case.out_shape)  # x*3 spreads values over the activations' bends
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
+# --- gated paths ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_gated_rows_matches_reference(backend: str, data: st.DataObject) -> None:
+    """active_out only: the GEMM on the active rows of the packed weight, zeros elsewhere."""
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "grouped", "depthwise"]))))
+    active_out = data.draw(channel_lists(case.out_shape[0], case.x.shape[0]))
+    want, scale = expected(case, active_out=active_out)
+    assert_close(run_kernel(backend, case, active_out=active_out), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_gated_columns_matches_reference(backend: str, data: st.DataObject) -> None:
+    """active_in only: im2col and weight columns of the active input channels only."""
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "grouped", "depthwise"]))))
+    active_in = data.draw(channel_lists(case.in_shape[0], case.x.shape[0]))
+    want, scale = expected(case, active_in=active_in)
+    got = run_kernel(backend, case, zero_inactive(case.x, active_in), active_in=active_in)
+    assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_gated_rows_and_columns_matches_reference(backend: str, data: st.DataObject) -> None:
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "grouped", "depthwise"]))))
+    n = case.x.shape[0]
+    active_out = data.draw(channel_lists(case.out_shape[0], n))
+    active_in = data.draw(channel_lists(case.in_shape[0], n))
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    got = run_kernel(backend, case, zero_inactive(case.x, active_in), active_out=active_out, active_in=active_in)
+    assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_gated_skips_inactive_input_channels(backend: str, data: st.DataObject) -> None:
+    """Inactive input channels hold NaN: had any kernel read them, NaN would reach the output."""
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "grouped", "depthwise"]))))
+    n = case.x.shape[0]
+    active_in = data.draw(channel_lists(case.in_shape[0], n))
+    active_out = data.draw(st.one_of(st.none(), channel_lists(case.out_shape[0], n)))
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    got = run_kernel(backend, case, zero_inactive(case.x, active_in, fill=np.nan),
+                     active_out=active_out, active_in=active_in)
+    assert not np.isnan(got).any()
+    assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_gated_skips_inactive_output_channels(backend: str) -> None:
+    """An inactive output row is never computed: a NaN in its weights cannot reach the output."""
+    weight = seeded_array(1, (6, 4, 3, 3))
+    weight[2] = np.nan
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(2, (2, 4, 5, 5)), weight, seeded_array(3, (6,)),
+                    None, (6, 5, 5))
+    active_out = [np.array([0, 1, 3, 5]), np.array([4])]
+    got = run_kernel(backend, case, active_out=active_out)
+    assert not np.isnan(got).any()
+    clean = ConvCase(case.attrs, case.x, np.nan_to_num(weight), case.bias, None, case.out_shape)
+    want, scale = expected(clean, active_out=active_out)
+    assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_gated_depthwise_inactive_input_is_activated_bias(backend: str) -> None:
+    """A depthwise channel whose input is inactive is act(bias) everywhere (sigmoid(b) != 0 shows it)."""
+    from parsicore.kernels.base import Activation
+
+    c = 5
+    bias = seeded_array(4, (c,))
+    case = ConvCase(ConvAttrs(groups=c, pads=(1, 1, 1, 1)), seeded_array(5, (1, c, 4, 4)),
+                    seeded_array(6, (c, 1, 3, 3)), bias, Activation("sigmoid"), (c, 4, 4))
+    active_in = [np.array([0, 3])]
+    got = run_kernel(backend, case, zero_inactive(case.x, active_in, fill=np.nan), active_in=active_in)
+    for ch in (1, 2, 4):
+        np.testing.assert_allclose(got[0, ch], np.full((4, 4), 1 / (1 + np.exp(-bias[ch]))), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_rejects_bad_gating_lists(backend: str) -> None:
+    case = ConvCase(ConvAttrs(), seeded_array(7, (2, 3, 4, 4)), seeded_array(8, (4, 3, 3, 3)), None, None, (4, 2, 2))
+    with pytest.raises(ValueError):
+        run_kernel(backend, case, active_out=[np.array([0])])  # one list for two images
+    with pytest.raises(ValueError):
+        run_kernel(backend, case, active_in=[np.array([0, 3]), np.array([1])])  # channel 3 of 3
