@@ -122,7 +122,7 @@ def _read_json(f: Any, name: str, path: Path) -> Any:
     if name not in f:
         raise ModelFormatError(f"{path}: missing dataset '/{name}'")
     ds = f[name]
-    if ds.dtype != np.uint8 or len(ds.shape) != 1:
+    if np.dtype(ds.dtype) != np.uint8 or len(ds.shape) != 1:  # np.dtype: pyfive < 0.5 gives strings ('<u1')
         raise ModelFormatError(f"{path}: '/{name}' must be a 1-D uint8 dataset of UTF-8 JSON")
     if ds.shape[0] > MAX_JSON_BYTES:
         raise ModelFormatError(f"{path}: '/{name}' is {ds.shape[0]} bytes, over the {MAX_JSON_BYTES} limit")
@@ -196,9 +196,10 @@ def _read_float_group(group: Any, what: str, path: Path) -> tuple[dict[str, np.n
         ds = group[key]
         if not hasattr(ds, "dtype"):
             raise ModelFormatError(f"{path}: {what}/{key} is a group, expected a dataset")
-        if ds.dtype not in (np.float32, np.float16):
-            raise ModelFormatError(f"{path}: {what}/{key} has dtype {ds.dtype}; only float32 and float16 are allowed")
-        size = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
+        dtype = np.dtype(ds.dtype)  # pyfive < 0.5 gives strings ('<f4')
+        if dtype not in (np.float32, np.float16):
+            raise ModelFormatError(f"{path}: {what}/{key} has dtype {dtype}; only float32 and float16 are allowed")
+        size = int(np.prod(ds.shape, dtype=np.int64)) * dtype.itemsize
         nbytes += size
         if nbytes > MAX_WEIGHT_BYTES:
             raise ModelFormatError(f"{path}: {what} declares over {MAX_WEIGHT_BYTES} bytes of data, absurdly large")
@@ -208,7 +209,12 @@ def _read_float_group(group: Any, what: str, path: Path) -> tuple[dict[str, np.n
             raise ModelFormatError(f"{path}: cannot read {what}/{key} ({_first_line(e)}); is the file truncated?") from e
         if arr.dtype == np.float16:
             halves.add(key)
-        arrays[key] = np.ascontiguousarray(arr, dtype=np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.owndata:
+            # pyfive returns views of a memory map of the file: copy, so that a model file overwritten in
+            # place (cp new.h5 model.h5) cannot change a loaded model's weights or crash it with SIGBUS.
+            arr = arr.copy()
+        arrays[key] = arr
     return arrays, halves, nbytes
 
 
