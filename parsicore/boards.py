@@ -458,14 +458,15 @@ class Settings:
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(name, value, source) for display."""
-        def show(v: Any) -> str:
-            return "(OpenBLAS chooses)" if v is None else str(v)
+        def show(v: Any, none: str = "-") -> str:
+            return none if v is None else str(v)
 
         return [
             ("board", self.board.name, self.board_source),
             ("threads", show(self.threads.value), self.threads.source),
             ("backend", show(self.backend.value), self.backend.source),
-            ("OPENBLAS_CORETYPE", show(self.openblas_coretype.value), self.openblas_coretype.source),
+            ("OPENBLAS_CORETYPE", show(self.openblas_coretype.value, "(OpenBLAS chooses)"),
+             self.openblas_coretype.source),
             ("numba threading layer", show(self.numba_threading_layer.value), self.numba_threading_layer.source),
             ("numba cache dir", show(self.numba_cache_dir.value), self.numba_cache_dir.source),
         ]
@@ -554,7 +555,9 @@ def effective_settings(profile: BoardProfile, board_source: str, facts: MachineF
     if coretype.value is not None and not coretype.source.startswith("env"):
         exports["OPENBLAS_CORETYPE"] = str(coretype.value)
 
-    if env.get("NUMBA_THREADING_LAYER"):
+    if not numba_installed:
+        layer = Setting(None, "numba is not installed")
+    elif env.get("NUMBA_THREADING_LAYER"):
         layer = Setting(env["NUMBA_THREADING_LAYER"], "env NUMBA_THREADING_LAYER")
     elif env.get("NUMBA_THREADING_LAYER_PRIORITY"):
         layer = Setting(f"priority {env['NUMBA_THREADING_LAYER_PRIORITY']}", "env NUMBA_THREADING_LAYER_PRIORITY")
@@ -562,7 +565,9 @@ def effective_settings(profile: BoardProfile, board_source: str, facts: MachineF
         layer = Setting(f"priority {' '.join(profile.numba_threading_layer_priority)}", src)
         exports["NUMBA_THREADING_LAYER_PRIORITY"] = " ".join(profile.numba_threading_layer_priority)
 
-    if env.get("NUMBA_CACHE_DIR"):
+    if not numba_installed:
+        cache = Setting(None, "numba is not installed")
+    elif env.get("NUMBA_CACHE_DIR"):
         cache = Setting(env["NUMBA_CACHE_DIR"], "env NUMBA_CACHE_DIR")
     elif env.get(ENV_CACHE_DIR):
         cache = Setting(str(Path(env[ENV_CACHE_DIR]) / "numba"), f"env {ENV_CACHE_DIR}")

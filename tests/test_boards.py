@@ -188,6 +188,8 @@ def test_numba_missing_means_numpy_backend():
     s = settings_of("android-termux", numba=False)
     assert s.backend.value == "numpy" and "numba is not installed" in s.backend.source
     assert "PARSICORE_BACKEND" not in s.exports  # the library's own default, nothing to export
+    assert s.numba_threading_layer.value is None and s.numba_cache_dir.value is None
+    assert "NUMBA_THREADING_LAYER_PRIORITY" not in s.exports
     numpy_board = dataclasses.replace(PROFILES["raspberry-pi-4"], backend="numpy")
     forced = boards.effective_settings(numpy_board, "--board", facts_of("raspberry-pi-4"), numba_installed=True)
     assert forced.backend.value == "numpy" and forced.exports["PARSICORE_BACKEND"] == "numpy"
