@@ -5,7 +5,7 @@ interleaved and the best of each is kept, to be fair on a machine other work sha
 board profile's ``openblas_coretype`` (boards/*.json) on the real board::
 
     python scripts/bench_openblas_coretype.py                      # auto vs this board's usual candidates
-    python scripts/bench_openblas_coretype.py auto NEOVERSEN1 CORTEXA73 --size 512 --rounds 5
+    python scripts/bench_openblas_coretype.py auto NEOVERSEN1 CORTEXA73 --size 1024 --rounds 5
 
 "auto" leaves the variable unset (OpenBLAS detects the CPU). The kernel set OpenBLAS really used is
 printed beside each figure (from threadpoolctl when installed): an unknown name falls back silently.
@@ -57,9 +57,10 @@ def run_one(coretype: str, size: int, repeat: int) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("coretypes", nargs="*", help="OPENBLAS_CORETYPE values ('auto' = unset)")
-    parser.add_argument("--size", type=int, default=1024, help="square matrix size (default 1024)")
+    parser.add_argument("--size", type=int, default=512, help="square matrix size (default 512: big enough for the "
+                        "kernels to reach full speed, short enough to dodge other jobs' time slices)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per value (default 8)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed products per round (default 5)")
+    parser.add_argument("--repeat", type=int, default=30, help="timed products per round (default 30)")
     args = parser.parse_args()
     machine = platform.machine().lower().replace("arm64", "aarch64").replace("amd64", "x86_64")
     coretypes = args.coretypes or DEFAULT_CANDIDATES.get(machine, ["auto"])

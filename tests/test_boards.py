@@ -319,3 +319,11 @@ def test_cli_runner_path_resolves_without_touching_the_environment(monkeypatch):
     result = CliRunner().invoke(cli, ["--board", "jetson-nano", "boards"])
     assert result.exit_code == 0, result.output
     assert "* jetson-nano" in result.output and dict(os.environ) == before
+
+
+def test_readme_lists_every_profile_and_fixture():
+    readme = (boards.profiles_dir() / "README.md").read_text(encoding="utf-8")
+    for name in PROFILES:
+        assert f"| `{name}` |" in readme, f"boards/README.md's table lacks {name}"
+    for fixture in FIXTURE_DIRS:
+        assert fixture in readme
