@@ -442,7 +442,7 @@ class Settings:
     threads: compute threads (Numba's pool and OpenBLAS); backend: default backend; openblas_coretype:
     OpenBLAS kernel set (None: OpenBLAS detects); numba_threading_layer: a layer name, or "priority a b c"
     (Numba takes the first that loads); numba_cache_dir: Numba's JIT cache directory (None: parsicore's
-    default, see kernels/numba_backend/cache.py).
+    default, see kernels/jit_cache.py).
     """
 
     board: BoardProfile
@@ -590,14 +590,10 @@ def _expand(path: str, env: Mapping[str, str]) -> str:
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
-    """Where parsicore's Numba cache goes by default: the first candidate of
-    kernels/numba_backend/cache.py (repeated here because importing that package imports Numba)."""
-    if env.get(ENV_CACHE_DIR):
-        return Path(env[ENV_CACHE_DIR]) / "numba"
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]) / "parsicore" / "numba"
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".cache" / "parsicore" / "numba"
+    """Where parsicore's Numba cache goes by default for environment ``env``."""
+    from parsicore.kernels.jit_cache import cache_dir_candidates
+
+    return cache_dir_candidates(env)[0]
 
 
 def numba_installed() -> bool:

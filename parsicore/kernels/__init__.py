@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from parsicore.errors import BackendError
-from parsicore.kernels.base import Kernel, KernelSpec
+
+if TYPE_CHECKING:  # importing parsicore.kernels must not import numpy (board settings come first)
+    from parsicore.kernels.base import Kernel, KernelSpec
+
+    Factory = Callable[[KernelSpec], Kernel]
+else:
+    Factory = Callable[[Any], Any]
 
 BACKENDS = ("reference", "numpy", "numba")
-
-Factory = Callable[[KernelSpec], Kernel]
 
 
 def numba_available() -> bool:

@@ -1,14 +1,14 @@
 """The ``numba`` backend: JIT kernels where they pay (im2col, depthwise, pooling), NumPy elsewhere.
 
 Importing this package imports Numba, so it is only imported when the numba backend is chosen. The JIT
-cache directory is set here, before Numba reads its configuration (see :mod:`.cache`).
+cache directory is set here, before Numba reads its configuration (see :mod:`parsicore.kernels.jit_cache`).
 """
 
 from __future__ import annotations
 
-from parsicore.kernels.numba_backend import cache as _cache
+from parsicore.kernels import jit_cache
 
-_cache.configure_cache_dir()
+jit_cache.configure_cache_dir()
 
 from parsicore.kernels import numpy_backend  # noqa: E402
 from parsicore.kernels.numba_backend import conv, pool  # noqa: E402

@@ -3,25 +3,28 @@
 Numba writes its cache beside the source by default, which fails in a read-only site-packages. Unless
 the user already set ``NUMBA_CACHE_DIR``, parsicore points it at ``$PARSICORE_CACHE_DIR/numba``, else
 ``$XDG_CACHE_HOME/parsicore/numba``, else ``~/.cache/parsicore/numba``; if none is writable, a
-per-user directory under the system temp dir. Must run before ``numba`` is first imported.
+per-user directory under the system temp dir. Must run before ``numba`` is first imported;
+this module itself never imports Numba (the board settings read it too).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 
-def cache_dir_candidates() -> list[Path]:
-    """Directories to try, in order of preference."""
+def cache_dir_candidates(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Directories to try, in order of preference (``env`` defaults to os.environ)."""
+    env = os.environ if env is None else env
     out = []
-    if os.environ.get("PARSICORE_CACHE_DIR"):
-        out.append(Path(os.environ["PARSICORE_CACHE_DIR"]) / "numba")
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    if env.get("PARSICORE_CACHE_DIR"):
+        out.append(Path(env["PARSICORE_CACHE_DIR"]) / "numba")
+    xdg = env.get("XDG_CACHE_HOME")
     if xdg:
         out.append(Path(xdg) / "parsicore" / "numba")
-    out.append(Path.home() / ".cache" / "parsicore" / "numba")
+    out.append(Path(env.get("HOME") or str(Path.home())) / ".cache" / "parsicore" / "numba")
     out.append(Path(tempfile.gettempdir()) / f"parsicore-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "numba")
     return out
 
