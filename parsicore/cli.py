@@ -24,6 +24,7 @@ EXIT_PARTIAL = 1
 
 #: Subcommands defined in other modules: name -> "module:attribute" (imported on use).
 LAZY_COMMANDS: dict[str, str] = {
+    "bench": "parsicore.cli_bench:bench",
     "boards": "parsicore.cli_boards:boards_command",
     "check": "parsicore.cli_check:check",
     "convert": "parsicore.cli_convert:convert",
