@@ -1,0 +1,1 @@
+"""Exporters from training frameworks to the parsicore model format (no torch import here)."""
