@@ -251,9 +251,15 @@ class ConvKernel:
     def _dense(self, x: np.ndarray, y: np.ndarray) -> None:
         g = self.geom
         n = x.shape[0]
-        cols = self.micro.im2col(x, None, g)
-        # (groups, K/g, C/g*kk) @ (N, groups, C/g*kk, P) -> (N, groups, K/g, P): a view of y.
-        np.matmul(self.packed, cols.reshape(n, g.groups, -1, g.pixels), out=y.reshape(n, g.groups, g.kg, g.pixels))
+        cols = self.micro.im2col(x, None, g).reshape(n, g.groups, -1, g.pixels)
+        out = y.reshape(n, g.groups, g.kg, g.pixels)
+        # One BLAS call per image (per group): np.matmul with out= and a broadcast batch dimension falls off
+        # BLAS onto a slow loop (~400x slower), so the batch is never broadcast.
+        for i in range(n):
+            if g.groups == 1:
+                np.matmul(self.packed[0], cols[i, 0], out=out[i, 0])
+            else:
+                np.matmul(self.packed, cols[i], out=out[i])
         self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation)
 
     def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None) -> None:
