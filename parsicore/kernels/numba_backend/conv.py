@@ -126,18 +126,25 @@ def _depthwise_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h, dil_w,
         if mode == MODE_BIAS:
             out[n, c, :, :] = _activate(bias[c], code, alpha, beta, lo, hi)
             continue
-        for oh in range(ho):
-            for ow in range(wo):
-                acc = np.float32(0.0)
-                for i in range(kh):
+        # Tap by tap over whole output rows: for tap (i, j) the output columns whose input column lies
+        # inside the image form one range [ow_lo, ow_hi), so the inner loop has no bounds test.
+        out[n, c, :, :] = 0.0
+        for i in range(kh):
+            for j in range(kw):
+                weight = filters[c, i, j]
+                offset = j * dil_w - left
+                ow_lo = max(0, (-offset + stride_w - 1) // stride_w)
+                ow_hi = min(wo, (w - 1 - offset) // stride_w + 1)
+                for oh in range(ho):
                     ih = oh * stride_h - top + i * dil_h
                     if ih < 0 or ih >= h:
                         continue
-                    for j in range(kw):
-                        iw = ow * stride_w - left + j * dil_w
-                        if 0 <= iw < w:
-                            acc += x[n, c, ih, iw] * filters[c, i, j]
-                out[n, c, oh, ow] = _activate(acc + bias[c], code, alpha, beta, lo, hi)
+                    for ow in range(ow_lo, ow_hi):
+                        out[n, c, oh, ow] += x[n, c, ih, ow * stride_w + offset] * weight
+        b = bias[c]
+        for oh in range(ho):
+            for ow in range(wo):
+                out[n, c, oh, ow] = _activate(out[n, c, oh, ow] + b, code, alpha, beta, lo, hi)
 
 
 def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry) -> np.ndarray:
