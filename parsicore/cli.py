@@ -264,7 +264,8 @@ def eval_command(model_path: Path, data: Path, thresholds: str | None, plot_path
     if limit:
         data_set = replace(data_set, labels=data_set.labels[:limit],
                            pixels=None if data_set.pixels is None else data_set.pixels[:limit],
-                           paths=data_set.paths[:limit])
+                           paths=data_set.paths[:limit],
+                           description=f"the first {min(limit, len(data_set))} of {data_set.description}")
     with click.progressbar(length=len(data_set) * len(values), file=sys.stderr, label="eval") as bar:
         points = evaluate(model, data_set, values, batch=batch, progress=bar.update)
     if as_json:
@@ -272,10 +273,10 @@ def eval_command(model_path: Path, data: Path, thresholds: str | None, plot_path
                                "points": [p.__dict__ for p in points]}))
     else:
         click.echo(f"{model_path} on {data_set.description} ({model.backend})")
-        click.echo("threshold  accuracy  MACs executed")
+        click.echo("threshold  accuracy  conv MACs executed  all MACs executed (gates included)")
         for p in points:
             t = "model" if p.threshold is None else f"{p.threshold:.2f}"
-            click.echo(f"{t:>9}  {p.accuracy:8.2%}  {p.macs_fraction:8.1%}")
+            click.echo(f"{t:>9}  {p.accuracy:8.2%}  {p.conv_macs_fraction:18.1%}  {p.macs_fraction:17.1%}")
     if plot_path is not None:
         drawing.curve([(p.macs_fraction, p.accuracy, "model" if p.threshold is None else f"t={p.threshold:g}")
                        for p in points], plot_path, title=f"{model.metadata.get('name', model_path)}: accuracy vs compute")

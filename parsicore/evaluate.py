@@ -18,7 +18,8 @@ class EvalPoint:
 
     threshold: float | None
     accuracy: float
-    macs_fraction: float
+    macs_fraction: float  # every layer, gate banks included
+    conv_macs_fraction: float  # conv layers only (no gates, no fc): the model card's "conv MACs executed"
     macs_executed: int
     macs_dense: int
     images: int
@@ -30,7 +31,7 @@ def evaluate(model: Model, data: LabelledSet, thresholds: Sequence[float | None]
     pre = check_preprocessing(model.metadata.get("preprocessing"), model.model_file.source)
     points = []
     for threshold in thresholds:
-        correct, executed, dense = 0, 0, 0
+        correct, executed, dense, conv_executed, conv_dense = 0, 0, 0, 0, 0
         for sl in batches(len(data), batch):
             if data.pixels is not None:
                 x = np.concatenate([prepare_array(img, pre) for img in data.pixels[sl]])
@@ -41,8 +42,10 @@ def evaluate(model: Model, data: LabelledSet, thresholds: Sequence[float | None]
             correct += int((logits.argmax(axis=1) == data.labels[sl]).sum())
             executed += stats.macs_executed
             dense += stats.macs_dense
+            conv_executed += sum(layer.macs_executed for layer in stats.layers if layer.op == "Conv")
+            conv_dense += sum(layer.macs_dense for layer in stats.layers if layer.op == "Conv")
             if progress:
                 progress(x.shape[0])
         points.append(EvalPoint(threshold, correct / len(data), executed / dense if dense else 1.0,
-                                executed, dense, len(data)))
+                                conv_executed / conv_dense if conv_dense else 1.0, executed, dense, len(data)))
     return points

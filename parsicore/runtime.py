@@ -56,6 +56,12 @@ class RunStats:
         dense = self.macs_dense
         return self.macs_executed / dense if dense else 1.0
 
+    def fraction_of(self, ops: frozenset[str] | set[str] | tuple[str, ...]) -> float:
+        """Executed/dense MACs over the layers whose op is in ``ops`` (e.g. ``{"Conv"}``: conv layers only)."""
+        dense = sum(layer.macs_dense for layer in self.layers if layer.op in ops)
+        executed = sum(layer.macs_executed for layer in self.layers if layer.op in ops)
+        return executed / dense if dense else 1.0
+
     @property
     def kernels_on(self) -> float:
         return sum(layer.kernels_on for layer in self.layers if layer.gated)
@@ -257,10 +263,12 @@ class Model:
                     for b in range(n)
                 )
                 on = k if active_out is None else float(np.mean([len(a) for a in active_out]))
-                # The fused epilogue (folded BN, activation) runs on the computed channels only.
-                executed += round(step.epilogue_macs * n * on / k)
-                layers.append(LayerStats(step.name, step.op_type, on, k, executed,
-                                         (step.macs + step.epilogue_macs) * n, step.gate_mask is not None))
+                layers.append(LayerStats(step.name, step.op_type, on, k, executed, step.macs * n,
+                                         step.gate_mask is not None))
+                if step.epilogue_macs:
+                    # The fused epilogue (folded BN, activation) runs on the computed channels only.
+                    layers.append(LayerStats(f"{step.name}:epilogue", "Epilogue", 0.0, 0,
+                                             round(step.epilogue_macs * n * on / k), step.epilogue_macs * n, False))
                 nonzero[step.outputs[0]] = active_out
             else:
                 step.kernel(ins, outs)
