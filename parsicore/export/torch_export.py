@@ -44,8 +44,13 @@ VERIFY_ATOL = 1e-6
 
 _ALIAS_METHODS = ("contiguous", "clone", "detach", "float")
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze")
+_ACTIVATION_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "softmax")
 _BINARY_METHODS = {"add": "add", "add_": "add", "__add__": "add", "__radd__": "add", "mul": "mul", "mul_": "mul",
                    "__mul__": "mul", "__rmul__": "mul", "sub": "sub", "sub_": "sub", "div": "div", "div_": "div"}
+
+
+_KNOWN_METHODS = (*_ALIAS_METHODS, *_RESHAPE_METHODS, *_ACTIVATION_METHODS, *_BINARY_METHODS, "mean", "amax", "size",
+                  "dim")
 
 
 class _Unsupported(Exception):
@@ -77,7 +82,7 @@ def export_torch(module: Any, example_input: Any, path: str | os.PathLike[str] |
     module.eval()
     try:
         with torch.no_grad():
-            gm = _trace(module)
+            gm = _trace(module, x)
             values = _run_recording(gm, x)
             expected = module(x)
         builder = ModelBuilder(model_name, description=description, license=license,
@@ -98,7 +103,7 @@ def export_torch(module: Any, example_input: Any, path: str | os.PathLike[str] |
     if selftest:
         builder.set_selftest({converter.input_name: x_np}, expected_arrays)
     model_file = builder.build()
-    reference = {n.name: v.numpy() for n, v in values.items() if isinstance(v, torch.Tensor)}
+    reference = {n.name: v.detach().numpy() for n, v in values.items() if isinstance(v, torch.Tensor)}
     _validate(model_file, model_name, x_np if selftest else None, expected_arrays, reference, converter.input_name)
     if path is not None:
         try:
@@ -152,17 +157,17 @@ def _gate_classes() -> tuple[type, type, type]:
     return LKAMGate, TopKGate, ChannelMask
 
 
-def _trace(module: Any) -> Any:
-    """torch.fx GraphModule of ``module`` with the gate modules as leaves; Sequential walked when fx fails."""
+def _trace(module: Any, example: Any) -> Any:
+    """torch.fx GraphModule of ``module`` with the gate modules as leaves; Sequential walked when fx fails.
+
+    The tracer runs every op on the example input while tracing, so ``x.shape``, ``x.ndim``, ``x.size()``
+    and ``x.dim()`` are concrete values (``float(x.shape[1])``, ``torch.full((x.shape[0],), ...)`` trace);
+    value-dependent control flow (``if x.sum() > 0``) still fails, as it should.
+    """
     import torch
     from torch import fx
 
     leaves = _gate_classes()
-
-    class GateTracer(fx.Tracer):
-        def is_leaf_module(self, m: Any, qualname: str) -> bool:
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
-
     concrete: dict[str, Any] = {}
     try:
         params = list(inspect.signature(module.forward).parameters.values())[1:]
@@ -176,7 +181,7 @@ def _trace(module: Any) -> Any:
                                   "only single-input models can be exported")
         concrete[p.name] = p.default  # e.g. an optional stats dict: specialise to its default
     try:
-        graph = GateTracer().trace(module, concrete_args=concrete or None)
+        graph = _shape_tracer(fx, leaves, example).trace(module, concrete_args=concrete or None)
         return fx.GraphModule(module, graph)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError... on untraceable code
         if isinstance(module, torch.nn.Sequential):
@@ -184,6 +189,80 @@ def _trace(module: Any) -> Any:
         raise ConversionError(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); make forward traceable or use "
                               "nn.Sequential") from e
+
+
+def _shape_tracer(fx: Any, leaves: tuple[type, ...], example: Any) -> Any:
+    """An fx Tracer computing each node's value on ``example`` as it traces (shapes become concrete)."""
+    import torch
+
+    class ShapeProxy(fx.Proxy):
+        def __getattr__(self, k: str) -> Any:
+            if k in ("shape", "ndim", "device", "dtype"):
+                value = self.tracer.values.get(self.node)
+                if isinstance(value, torch.Tensor):
+                    return getattr(value, k)
+            return super().__getattr__(k)
+
+    class ShapeTracer(fx.Tracer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.values: dict[Any, Any] = {}
+            self.placeholders = 0
+            self.computing = False
+
+        def call_module(self, m: Any, forward: Any, args: Any, kwargs: Any) -> Any:
+            if self.computing:  # a real computation (below): run the module, record nothing
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
+        def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Any) -> Any:
+            if self.computing:  # real parameters, not get_attr proxies, inside a real computation
+                return attr_val
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+        def is_leaf_module(self, m: Any, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+        def proxy(self, node: Any) -> Any:
+            return ShapeProxy(node, self)
+
+        def value_of(self, node: Any) -> Any:
+            if node not in self.values and node.op == "get_attr":
+                value = self.root
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                self.values[node] = value
+            return self.values[node]
+
+        def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **kw: Any) -> Any:
+            proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+            node = proxy.node
+            self.computing = True
+            try:
+                if kind == "placeholder":
+                    self.placeholders += 1
+                    value = example if self.placeholders == 1 else (node.args[0] if node.args else None)
+                else:
+                    a = fx.node.map_arg(node.args, self.value_of)
+                    k = fx.node.map_arg(node.kwargs, self.value_of)
+                    if kind == "get_attr":
+                        value = self.value_of(node)
+                    elif kind == "call_function":
+                        value = target(*a, **k)
+                    elif kind == "call_method":
+                        value = getattr(a[0], target)(*a[1:], **k)
+                    else:
+                        value = self.root.get_submodule(target)(*a, **k)
+            except Exception:  # left symbolic: the Interpreter run reports real failures
+                return proxy
+            finally:
+                self.computing = False
+            self.values[node] = value
+            if kind == "call_method" and target in ("size", "dim"):
+                return value  # static here: user code may compute with it (float(x.size(1)))
+            return proxy
+
+    return ShapeTracer()
 
 
 def _sequential_graph(module: Any) -> Any:
@@ -250,6 +329,13 @@ def _func_name(fn: Any) -> str:
     return f"{mod}.{getattr(fn, '__name__', repr(fn))}".lstrip(".")
 
 
+def _in_place(node: Any) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
+
+
 def _sanitise(name: str) -> str:
     cleaned = "".join(c if NAME_RE.match(c) else "_" for c in name)[:190] or "node"
     return cleaned if cleaned not in (".", "..") else "node"
@@ -287,8 +373,9 @@ class _Converter:
         self.shape[self.input_name] = tuple(x.shape)
         self.runtime.add(first)
         outputs: list[str] = []
+        live = self._live_nodes()
         for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
+            if node.op == "placeholder" or (node.op != "output" and node not in live):
                 continue
             if node.op == "output":
                 outputs = self._outputs(node)
@@ -297,6 +384,9 @@ class _Converter:
                 continue  # a constant: its recorded value is used where needed
             self.runtime.add(node)
             if any(a in self.poisoned for a in node.all_input_nodes):
+                # Cannot convert after an unsupported input, but list it too when it is unsupported itself.
+                if not self._known(node):
+                    self.problems.append(self._what(node))
                 self.poisoned.add(node)
                 continue
             try:
@@ -308,6 +398,23 @@ class _Converter:
             raise ConversionError(f"cannot export {self.b._metadata['name']}: {len(self.problems)} unsupported "
                                   f"module(s)/function(s): {'; '.join(self.problems)}")
         return outputs
+
+    def _live_nodes(self) -> set[Any]:
+        """Nodes the outputs depend on (dead code, e.g. statistics the forward computes on the side, is skipped)."""
+        live: set[Any] = set()
+        stack = [n for n in self.gm.graph.nodes if n.op == "output"]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a not in live:
+                    live.add(a)
+                    stack.append(a)
+        for n in self.gm.graph.nodes:
+            # fx keeps an in-place op's effect only through execution order: unused, it cannot be skipped.
+            if n not in live and n.op != "output" and _in_place(n) and any(a in live for a in n.all_input_nodes):
+                self.problems.append(f"{self._what(n)}: in-place operation whose result is not used "
+                                     "(assign its result, e.g. x = x.relu_())")
+        return live
 
     def _outputs(self, node: Any) -> list[str]:
         result = node.args[0]
@@ -331,6 +438,24 @@ class _Converter:
         if node.op == "call_method":
             return f"{node.name} (Tensor.{node.target})"
         return f"{node.name} ({_func_name(node.target)})"
+
+    def _known(self, node: Any) -> bool:
+        """Whether the node's module type / function / method is one the converter handles at all."""
+        nn = self.torch.nn
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            return self._activation_module(mod) is not None or isinstance(mod, (
+                self.lkam, self.topk, self.mask_module, nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.Linear,
+                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
+                nn.Dropout2d, nn.Identity, nn.Softmax, nn.ZeroPad2d, nn.ConstantPad2d))
+        if node.op == "call_function":
+            if self._table is None:
+                self._table = self._function_table()
+            if node.target is operator.getitem and len(node.args) == 2:
+                items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                return all(i is None or i is Ellipsis or i == slice(None) for i in items)
+            return node.target in self._table
+        return node.op == "call_method" and node.target in _KNOWN_METHODS
 
     def _fail(self, node: Any, why: str = "") -> _Unsupported:
         return _Unsupported(self._what(node) + (f": {why}" if why else ""))
