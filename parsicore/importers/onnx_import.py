@@ -212,15 +212,17 @@ class _Importer:
                 continue
             if any(t and t not in self.const and t not in self.tensor and t not in self.pending
                    for t in node.inputs):
-                continue  # an input failed to convert: reported there
+                # An input failed to convert (reported there); list this node too if its op type is unknown.
+                if not self._known(node):
+                    self._unsupported_op(node)
+                continue
             try:
                 self._convert(node)
             except _Unsupported as e:
                 if e.why:
                     self.problems.append(f"{e.node.label}: {e.why}")
                 else:
-                    self.unsupported.setdefault(e.node.op if not e.node.domain else f"{e.node.domain}:{e.node.op}",
-                                                []).append(e.node.name)
+                    self._unsupported_op(e.node)
         for out in self.onnx_outputs:
             if out in self.tensor or out in self.pending:
                 self.b.add_output(self._tensor(out))
@@ -245,6 +247,15 @@ class _Importer:
         except ParsicoreError as e:
             raise ConversionError(f"{self.label}: the converted graph is invalid: {e}") from e
         return model_file
+
+    def _unsupported_op(self, node: OnnxNode) -> None:
+        op = node.op if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op}"
+        self.unsupported.setdefault(op, []).append(node.name)
+
+    def _known(self, node: OnnxNode) -> bool:
+        if node.domain == "ai.parsicore":
+            return node.op in ("LKAMGate", "TopKGate", "ChannelMask")
+        return node.domain in ("", "ai.onnx") and hasattr(self, f"_op_{node.op}")
 
     def _declare_inputs(self) -> None:
         inits = set(self.const)
@@ -278,9 +289,16 @@ class _Importer:
     def _fold(self, node: OnnxNode) -> bool:
         from onnx.reference import ReferenceEvaluator
 
+        onnx = self.onnx
         feeds = {t: self.const[t] for t in node.inputs if t}
+        # A one-node model, so the node runs with this file's opset (a bare NodeProto gets the newest).
+        inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                  for t, v in feeds.items()]
+        outputs = [onnx.helper.make_empty_tensor_value_info(t) for t in node.outputs if t]
+        graph = onnx.helper.make_graph([node.proto], "fold", inputs, outputs)
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
         try:
-            results = ReferenceEvaluator(node.proto, opsets={"": self.opset}).run(None, feeds)
+            results = ReferenceEvaluator(proto).run(None, feeds)
         except Exception:  # an op onnx.reference cannot evaluate: left for conversion (and reported there)
             return False
         for t, v in zip(node.outputs, results):
