@@ -1,0 +1,589 @@
+"""Run the whole benchmark matrix and write PERFORMANCE.md's measured sections, a JSON record and a PNG plot.
+
+Every row is one ``parsicore bench MODEL --threads N --json --isolate`` in a fresh process (so the in-process
+peak RSS of a row does not carry the previous rows' models): parsicore, ONNX Runtime and PyTorch on the
+same weights, input and thread count, calls interleaved. Models (scripts/bench_models.py, random weights):
+ResNet-18 and MobileNetV2 at 224x224, a VGG-style CNN at 32x32, the issue's small CNN at 28x28, the
+synthetic-sparsity variants of ResNet-18 and MobileNetV2 (25/50/75 % of every gated layer's kernels off)
+and the shipped default gated model (weights/fashion_gated.h5) when it exists. Then the start-up time of
+``parsicore run SAMPLE`` (warm and empty Numba cache) and the peak RSS of ``parsicore run`` on ResNet-18.
+
+Usage::
+
+    python scripts/bench_matrix.py --write-doc                  # everything; rewrites PERFORMANCE.md's tables
+    python scripts/bench_matrix.py --models resnet18,small_cnn --threads 1 --runs 10 --no-startup   # quick look
+
+Model keys for --models: resnet18, mobilenet_v2, vgg_small, small_cnn, resnet18-gated (= -gated25, -gated50,
+-gated75; each also alone), mobilenet_v2-gated, fashion_gated. The doc is only rewritten with --write-doc;
+the generated part sits between the markers ``<!-- bench-matrix:begin -->`` and ``<!-- bench-matrix:end -->``,
+everything outside them is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing parsicore
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_models  # noqa: E402
+
+from parsicore.bench import command_peak_rss_mb  # noqa: E402
+
+BEGIN = "<!-- bench-matrix:begin -->"
+END = "<!-- bench-matrix:end -->"
+DENSE_KEYS = tuple(bench_models.DENSE)
+GATED_KEYS = tuple(f"{m}-gated{round(f * 100)}" for m in bench_models.GATED for f in bench_models.GATE_OFF_FRACTIONS)
+DEFAULT_GATED = "fashion_gated"
+ALL_KEYS = (*DENSE_KEYS, *GATED_KEYS, DEFAULT_GATED)
+LABELS = {"resnet18": "ResNet-18 224", "mobilenet_v2": "MobileNetV2 224", "vgg_small": "VGG-style 32",
+          "small_cnn": "small CNN 28", DEFAULT_GATED: "default gated model (fashion_gated.h5)"}
+
+
+@dataclass
+class Row:
+    key: str
+    threads: int
+    report: dict[str, Any] | None  # the bench command's JSON; None when it failed
+    error: str = ""
+    load_before: float = 0.0
+    load_after: float = 0.0
+
+    def engine(self, name: str) -> dict[str, Any] | None:
+        return None if self.report is None else self.report["engines"].get(name)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return env
+
+
+def _parsicore_cmd() -> list[str]:
+    """``parsicore`` when installed on PATH, else ``python -m parsicore`` from this checkout."""
+    exe = shutil.which("parsicore")
+    return [exe] if exe else [sys.executable, "-m", "parsicore"]
+
+
+def expand_keys(text: str | None) -> list[str]:
+    if not text:
+        return list(ALL_KEYS)
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.endswith("-gated") and part[: -len("-gated")] in bench_models.GATED:
+            out += [k for k in GATED_KEYS if k.startswith(part)]
+        elif part in ALL_KEYS:
+            out.append(part)
+        else:
+            raise SystemExit(f"bench_matrix: unknown model {part!r} (choose from {', '.join(ALL_KEYS)}, "
+                             f"resnet18-gated, mobilenet_v2-gated)")
+    return list(dict.fromkeys(out))
+
+
+def label(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
+    base, _, off = key.partition("-gated")
+    return f"{LABELS[base]}, synthetic {off} % off"
+
+
+def build_model(key: str, model_dir: Path) -> Path | None:
+    """The model file for ``key`` (built into model_dir); None for the default gated model when absent."""
+    if key == DEFAULT_GATED:
+        from parsicore.api import default_model_path
+
+        path = default_model_path()
+        return path if path.is_file() else None
+    path = model_dir / f"{key}.h5"
+    if not path.is_file():
+        if key in bench_models.DENSE:
+            bench_models.DENSE[key]().save(path)
+        else:
+            base, _, off = key.partition("-gated")
+            bench_models.GATED[base](gate_off=int(off) / 100).save(path)
+    return path
+
+
+def run_row(key: str, path: Path, threads: int, runs: int, warmup: int, isolate: bool) -> Row:
+    cmd = [*_parsicore_cmd(), "bench", str(path), "--threads", str(threads), "--runs", str(runs), "--warmup",
+           str(warmup), "--json"] + (["--isolate"] if isolate else [])
+    before = os.getloadavg()[0]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, check=False)
+    after = os.getloadavg()[0]
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return Row(key, threads, None, f"exit {done.returncode}: {last}", before, after)
+    return Row(key, threads, json.loads(done.stdout), "", before, after)
+
+
+def quieter(a: Row, b: Row) -> Row:
+    """Of two runs of the same row, the one the machine disturbed less (lower sum of engine medians)."""
+    if a.report is None or b.report is None:
+        return a if b.report is None else b
+
+    def total(r: Row) -> float:
+        return sum(e["median_ms"] for e in r.report["engines"].values())  # type: ignore[index]
+
+    return a if total(a) <= total(b) else b
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+_MACHINE_SNIPPET = r"""
+import json, os
+from parsicore.boards import configure
+settings = configure()
+import numpy, numba
+info = {"board": settings.board.name, "board_source": settings.board_source,
+        "settings": [list(r) for r in settings.rows()], "numpy": numpy.__version__, "numba": numba.__version__}
+try:
+    info["numpy_config"] = {k: v for k, v in numpy.show_config(mode="dicts").get("Build Dependencies", {}).items()}
+except Exception as e:
+    info["numpy_config"] = str(e)
+try:
+    import threadpoolctl
+    info["threadpools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "version", "architecture",
+                                                      "num_threads", "threading_layer")}
+                           for p in threadpoolctl.threadpool_info()]
+except ImportError:
+    info["threadpools"] = None
+for mod in ("onnxruntime", "torch"):
+    try:
+        info[mod] = __import__(mod).__version__
+    except ImportError:
+        info[mod] = None
+info["env"] = {k: os.environ[k] for k in sorted(os.environ)
+               if k.startswith(("OPENBLAS", "OMP_", "MKL_", "NUMBA_", "PARSICORE_"))}
+print(json.dumps(info))
+"""
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        lscpu = ""
+    fields = {}
+    for line in lscpu.splitlines():
+        k, _, v = line.partition(":")
+        fields[k.strip()] = v.strip()
+    info["cpu"] = fields.get("Model name", platform.processor() or "?")
+    info["cpus"] = fields.get("CPU(s)", str(os.cpu_count()))
+    info["cores_per_socket"] = fields.get("Core(s) per socket", "?")
+    info["threads_per_core"] = fields.get("Thread(s) per core", "?")
+    info["hypervisor"] = fields.get("Hypervisor vendor", "")
+    flags = fields.get("Flags", "").split()
+    info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "asimd", "sve") if f in flags)
+    done = subprocess.run([sys.executable, "-c", _MACHINE_SNIPPET], capture_output=True, text=True, env=_env(),
+                          cwd=REPO, check=False)
+    if done.returncode == 0:
+        info.update(json.loads(done.stdout))
+    else:
+        info["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- start-up, memory
+
+
+def sample_image() -> Path:
+    from parsicore.api import weights_dir
+
+    return sorted((weights_dir() / "samples").glob("*.png"))[0]
+
+
+def measure_startup(model: Path | None, runs: int, cold_runs: int) -> dict[str, Any]:
+    """Wall time of ``parsicore run SAMPLE [--model M]``: warm Numba cache (median of runs after one untimed
+    run) and empty cache (each run with a fresh NUMBA_CACHE_DIR)."""
+    cmd = [*_parsicore_cmd(), "run", str(sample_image())] + (["--model", str(model)] if model else [])
+
+    def timed(env: dict[str, str]) -> float:
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["?"])[-1])
+        return elapsed
+
+    env = _env()
+    result: dict[str, Any] = {"command": _shown(cmd), "model": str(model) if model else "default"}
+    try:
+        timed(env)  # fills the cache
+        warm = [timed(env) for _ in range(runs)]
+        cold = []
+        for _ in range(cold_runs):
+            with tempfile.TemporaryDirectory(prefix="parsicore-cold-cache-") as cache:
+                cold.append(timed({**env, "NUMBA_CACHE_DIR": cache}))
+    except RuntimeError as e:
+        result["error"] = str(e)
+        return result
+    result.update(warm_median_s=statistics.median(warm), warm_min_s=min(warm), warm_runs=runs,
+                  cold_median_s=statistics.median(cold), cold_min_s=min(cold), cold_runs=cold_runs,
+                  load_avg=os.getloadavg()[0])
+    return result
+
+
+def _shown(cmd: Sequence[str]) -> str:
+    """A command as a reader would type it: ``python`` for this interpreter, paths relative to the repo."""
+    parts = []
+    for c in cmd:
+        if c == sys.executable:
+            c = "python"
+        elif c.startswith(str(REPO) + os.sep):
+            c = os.path.relpath(c, REPO)
+        elif c.endswith(os.sep + "parsicore"):
+            c = "parsicore"
+        parts.append(c)
+    return " ".join(parts)
+
+
+def measure_run_rss(model: Path) -> float | None:
+    """Peak RSS (MiB) of ``parsicore run --model MODEL SAMPLE`` (a process of its own)."""
+    cmd = [*_parsicore_cmd(), "run", str(sample_image()), "--model", str(model)]
+    return command_peak_rss_mb(cmd, env=_env())
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    """The matrix as Markdown: one line per (model, threads)."""
+    head = ["model", "threads", "parsicore median / p90 ms", "ORT median ms", "torch median ms", "parsicore/ORT",
+            "parsicore/torch", "GFLOP/s parsicore / ORT", "MACs executed", "kernels on",
+            "peak RSS MiB alone: parsicore / ORT / torch", "load avg"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.report is None:
+            out.append(f"| {label(r.key)} | {r.threads} | failed: {r.error} |" + " - |" * (len(head) - 3))
+            continue
+        p, o, t = r.engine("parsicore"), r.engine("onnxruntime"), r.engine("torch")
+        assert p is not None  # noqa: S101 - a bench report always holds parsicore
+        ratios = r.report["ratios"]
+        kf = r.report["kernels_fraction"]
+        rss = " / ".join(_mb(e["isolated_peak_rss_mb"]) if e else "-" for e in (p, o, t))
+        cells = [
+            label(r.key), str(r.threads), f"{_ms(p['median_ms'])} / {_ms(p['p90_ms'])}",
+            _ms(o["median_ms"]) if o else "skipped", _ms(t["median_ms"]) if t else "skipped",
+            _x(ratios.get("onnxruntime")), _x(ratios.get("torch")),
+            f"{p['gflops']:.1f} / {o['gflops']:.1f}" if o else f"{p['gflops']:.1f} / -",
+            f"{r.report['macs_fraction']:.1%}", "-" if kf is None else f"{kf:.0%}", rss,
+            f"{r.load_before:.1f} - {r.load_after:.1f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _find(rows: Sequence[Row], key: str, threads: int) -> Row | None:
+    return next((r for r in rows if r.key == key and r.threads == threads and r.report is not None), None)
+
+
+def _median(row: Row | None, engine: str) -> float | None:
+    e = row.engine(engine) if row else None
+    return None if e is None else float(e["median_ms"])
+
+
+def targets(rows: Sequence[Row], threads: Sequence[int], startup: dict[str, Any] | None,
+            run_rss: float | None) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each target of the issue; verdict: met / NOT met / not measured."""
+    out: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+    for key, limit in (("resnet18", 1.15), ("mobilenet_v2", 1.15), ("small_cnn", 1.5)):
+        for t in threads:
+            row = _find(rows, key, t)
+            ratio = row.report["ratios"].get("onnxruntime") if row else None  # type: ignore[index]
+            measured = "-" if ratio is None else (f"{ratio:.2f}x ({_median(row, 'parsicore'):.2f} vs "
+                                                  f"{_median(row, 'onnxruntime'):.2f} ms)")
+            out.append((f"dense {label(key)}, {t} thread(s): parsicore <= {limit}x ORT", measured,
+                        verdict(None if ratio is None else ratio <= limit)))
+    for key in bench_models.GATED:
+        for t in threads:
+            dense, gated = _find(rows, key, t), _find(rows, f"{key}-gated50", t)
+            d, g = _median(dense, "parsicore"), _median(gated, "parsicore")
+            if d is None or g is None:
+                out.append((f"{label(key)} 50 % off, {t} thread(s): <= 0.55x own dense", "-", verdict(None)))
+                continue
+            frac = gated.report["macs_fraction"] * gated.report["macs_dense"] / dense.report["macs_dense"]  # type: ignore[union-attr]
+            out.append((f"{label(key)} 50 % off, {t} thread(s): <= 0.55x own dense",
+                        f"{g / d:.2f}x ({g:.2f} vs {d:.2f} ms; MACs {frac:.1%} of the dense model's)",
+                        verdict(g / d <= 0.55)))
+    for t in threads:
+        row = _find(rows, DEFAULT_GATED, t)
+        p, o = _median(row, "parsicore"), _median(row, "onnxruntime")
+        measured = "-" if p is None or o is None else f"{p / o:.2f}x ({p:.3f} vs {o:.3f} ms)"
+        out.append((f"default gated model, {t} thread(s): faster than ORT running it densely", measured,
+                    verdict(None if p is None or o is None else p < o)))
+    if startup and "warm_median_s" in startup:
+        out.append(("start-up `parsicore run SAMPLE` <= 1.0 s wall, warm JIT cache",
+                    f"{startup['warm_median_s']:.2f} s median (empty cache: {startup['cold_median_s']:.2f} s)",
+                    verdict(startup["warm_median_s"] <= 1.0)))
+    else:
+        why = startup.get("error", "-") if startup else "-"
+        out.append(("start-up `parsicore run SAMPLE` <= 1.0 s wall, warm JIT cache", why, verdict(None)))
+    ort_rss = None
+    for t in threads:
+        row = _find(rows, "resnet18", t)
+        if row and row.engine("onnxruntime") and row.engine("onnxruntime")["isolated_peak_rss_mb"]:  # type: ignore[index]
+            ort_rss = row.engine("onnxruntime")["isolated_peak_rss_mb"]  # type: ignore[index]
+            break
+    measured = "-" if run_rss is None or ort_rss is None else f"{run_rss:.0f} MiB vs ORT {ort_rss:.0f} MiB"
+    out.append(("peak RSS of `parsicore run` on ResNet-18 <= ORT's", measured,
+                verdict(None if run_rss is None or ort_rss is None else run_rss <= ort_rss)))
+    return out
+
+
+def machine_lines(info: dict[str, Any]) -> list[str]:
+    vm = f", VM: {info['hypervisor']}" if info.get("hypervisor") else ""
+    lines = [f"- CPU: {info.get('cpu')} ({info.get('cpus')} CPUs, {info.get('cores_per_socket')} cores per socket, "
+             f"{info.get('threads_per_core')} thread(s) per core{vm}); SIMD: {info.get('simd') or '-'}; "
+             f"{info.get('machine')}",
+             f"- Python {info.get('python')}, numpy {info.get('numpy')}, numba {info.get('numba')}, onnxruntime "
+             f"{info.get('onnxruntime')}, torch {info.get('torch')}"]
+    pools = info.get("threadpools") or []
+    for p in pools:
+        lines.append(f"- thread pool (threadpoolctl, after the board settings): {p.get('user_api')} "
+                     f"{p.get('internal_api')} {p.get('version')}, kernels {p.get('architecture')}, "
+                     f"{p.get('num_threads')} thread(s)"
+                     + (f", {p['threading_layer']}" if p.get("threading_layer") else ""))
+    cfg = info.get("numpy_config")
+    if isinstance(cfg, dict) and "blas" in cfg:
+        blas = cfg["blas"]
+        lines.append(f"- numpy.show_config() BLAS: {blas.get('name')} {blas.get('version')} "
+                     f"({blas.get('openblas configuration', '').strip() or blas.get('found', '')})")
+    lines.append(f"- OPENBLAS_CORETYPE: {os.environ.get('OPENBLAS_CORETYPE', 'not set in the shell')}; "
+                 f"board profile {info.get('board')} ({info.get('board_source')}); settings: "
+                 + "; ".join(f"{n} = {v} ({s})" for n, v, s in info.get("settings", [])))
+    return lines
+
+
+def plot(rows: Sequence[Row], path: Path) -> str:
+    """Latency against the fraction of kernels on (gated variants, dense = 100 %); returns a note."""
+    series = []
+    for key in bench_models.GATED:
+        for t in sorted({r.threads for r in rows}):
+            points = []
+            dense = _find(rows, key, t)
+            if dense:
+                points.append((1.0, _median(dense, "parsicore"), _median(dense, "onnxruntime"), 1.0))
+            for off in bench_models.GATE_OFF_FRACTIONS:
+                g = _find(rows, f"{key}-gated{round(off * 100)}", t)
+                if g:
+                    frac = g.report["macs_fraction"] * g.report["macs_dense"] / dense.report["macs_dense"] if dense \
+                        else None  # type: ignore[union-attr]
+                    points.append((g.report["kernels_fraction"], _median(g, "parsicore"), _median(g, "onnxruntime"),
+                                   frac))
+            if len(points) > 1:
+                series.append((key, t, sorted(points)))
+    if not series:
+        return "no gated rows: no plot"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from parsicore import drawing
+
+        key, t, pts = series[0]
+        drawing.curve([(x, y, f"{y:.0f} ms") for x, y, _, _ in pts], path,
+                      title=f"{label(key)}, {t} thread(s): parsicore latency", xlabel="fraction of kernels on",
+                      ylabel="median ms")
+        return "matplotlib not installed: the plot shows the first series only"
+    models = list(dict.fromkeys(k for k, _, _ in series))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], models):
+        for _, t, pts in (s for s in series if s[0] == key):
+            xs = [p[0] for p in pts]
+            line, = ax.plot(xs, [p[1] for p in pts], "o-", label=f"parsicore, {t} thread(s)")
+            ax.plot(xs, [p[2] for p in pts], "s--", color=line.get_color(), alpha=0.6,
+                    label=f"ONNX Runtime (dense gates), {t} thread(s)")
+            dense = next((p for p in pts if p[0] == 1.0 and p[3] == 1.0), None)
+            if dense and all(p[3] is not None for p in pts):
+                ax.plot(xs, [dense[1] * p[3] for p in pts], ":", color=line.get_color(), alpha=0.8,
+                        label=f"parsicore dense x MAC fraction, {t} thread(s)")
+        ax.set_title(f"{label(key)}: synthetic sparsity")
+        ax.set_xlabel("fraction of kernels on in every gated layer (1.0 = dense model)")
+        ax.set_ylabel("median latency, ms (batch 1)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return ""
+
+
+def write_doc(doc: Path, generated: list[str]) -> None:
+    """Replace the text between the markers (or append the section when the markers are absent)."""
+    text = doc.read_text() if doc.is_file() else "# Performance\n\n"
+    block = "\n".join([BEGIN, *generated, END])
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = doc.with_name(f".{doc.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated model keys (default: all)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--runs", type=int, default=20, help="timed calls per engine and row (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds per row (default 3)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each row this many times and keep the least disturbed one (default 1)")
+    ap.add_argument("--no-isolate", action="store_true", help="skip the per-engine peak RSS subprocesses")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up and `parsicore run` RSS figures")
+    ap.add_argument("--model-dir", type=Path, default=None, help="where to build the models (default: a temp dir)")
+    ap.add_argument("--write-doc", action="store_true", help="rewrite the generated section of --doc")
+    ap.add_argument("--doc", type=Path, default=REPO / "PERFORMANCE.md")
+    ap.add_argument("--plot", type=Path, default=REPO / "PERFORMANCE-latency.png")
+    ap.add_argument("--json-out", type=Path, default=None,
+                    help="raw results (default with --write-doc: PERFORMANCE.json beside the doc)")
+    args = ap.parse_args(argv)
+    keys = expand_keys(args.models)
+    thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+    if args.runs < 1 or args.warmup < 0 or args.repeat < 1 or not thread_counts or min(thread_counts) < 1:
+        raise SystemExit("bench_matrix: --runs, --repeat and --threads must be >= 1, --warmup >= 0")
+    command = "python scripts/bench_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    info = machine_info()
+    notes: list[str] = []
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="parsicore-bench-models-") as tmp:
+        model_dir = args.model_dir or Path(tmp)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            path = build_model(key, model_dir)
+            if path is None:
+                notes.append(f"{label(key)}: skipped, the file does not exist yet")
+                print(f"bench_matrix: {key}: skipped (no model file)", file=sys.stderr)
+                continue
+            for t in thread_counts:
+                best: Row | None = None
+                for _ in range(args.repeat):
+                    row = run_row(key, path, t, args.runs, args.warmup, not args.no_isolate)
+                    best = row if best is None else quieter(best, row)
+                assert best is not None  # noqa: S101 - repeat >= 1
+                rows.append(best)
+                print(table([best])[-1], file=sys.stderr)
+        startup = run_rss = None
+        if not args.no_startup:
+            from parsicore.api import default_model_path
+
+            default = default_model_path()
+            startup_model = None if default.is_file() else build_model("small_cnn", model_dir)
+            if startup_model is not None:
+                notes.append("start-up: the default model does not exist yet, so `parsicore run` used the small "
+                             "CNN (28x28 grey, like the default) through --model")
+            startup = measure_startup(startup_model, runs=10, cold_runs=3)
+            if "resnet18" in keys:
+                run_rss = measure_run_rss(build_model("resnet18", model_dir))  # type: ignore[arg-type]
+    plot_note = plot(rows, args.plot)
+    finished = time.strftime("%Y-%m-%d %H:%M %Z")
+    generated = [
+        "",
+        f"Generated by `{command.strip()}` ({started} to {finished}).",
+        "",
+        "Machine:",
+        "",
+        *machine_lines(info),
+        f"- load average while the matrix ran: {min(r.load_before for r in rows) if rows else 0:.1f} to "
+        f"{max(r.load_after for r in rows) if rows else 0:.1f} on {info.get('cpus')} CPUs (other jobs share this "
+        "machine: absolute figures are slower than on a quiet one; the interleaved calls keep the ratios fair)",
+        "",
+        "### Results",
+        "",
+        "Batch 1, median of the timed calls, calls of the three engines interleaved. \"synthetic X % off\": "
+        "ResNet-18/MobileNetV2 with LKAM gates forced to switch X % of every gated layer's kernels off "
+        "(scripts/bench_models.py), a measuring device for skip efficiency, not a trained model; ORT and torch "
+        "run those gates densely. MACs executed: parsicore's, as a fraction of the (gated) model's dense MACs. "
+        "Peak RSS: each engine alone in a fresh process (`parsicore bench --isolate`).",
+        "",
+        *table(rows),
+        "",
+        "### Targets",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in targets(rows, thread_counts, startup, run_rss)),
+        "",
+    ]
+    if startup and "warm_median_s" in startup:
+        generated += [f"Start-up: `{startup['command']}` wall time, median of {startup['warm_runs']} runs with a "
+                      f"warm Numba cache {startup['warm_median_s']:.2f} s (min {startup['warm_min_s']:.2f} s); "
+                      f"with an empty cache (fresh NUMBA_CACHE_DIR) median of {startup['cold_runs']} runs "
+                      f"{startup['cold_median_s']:.2f} s (min {startup['cold_min_s']:.2f} s); load average "
+                      f"{startup['load_avg']:.1f}.", ""]
+    if run_rss is not None:
+        generated += [f"Memory: `parsicore run --model resnet18.h5 SAMPLE` peak RSS {run_rss:.0f} MiB.", ""]
+    diffs = [(e["output_rel_diff"], r.key, r.threads, name) for r in rows if r.report
+             for name, e in r.report["engines"].items() if e.get("output_rel_diff") is not None]
+    if diffs:
+        worst = max(diffs)
+        generated += [f"Same computation: the largest difference of a peer's outputs from parsicore's over every row "
+                      f"is {worst[0]:.1e} of the output scale ({worst[3]}, {label(worst[1])}, {worst[2]} thread(s)).",
+                      ""]
+    if rows and not plot_note:
+        generated += [f"![latency against the fraction of kernels on]({os.path.relpath(args.plot, args.doc.parent)})",
+                      ""]
+    elif plot_note:
+        notes.append(f"plot: {plot_note}")
+    generated += [f"Note: {n}." for n in notes] + ([""] if notes else [])
+    print("\n".join(generated))
+    record = {"command": command, "started": started, "finished": finished, "machine": info,
+              "rows": [{"key": r.key, "threads": r.threads, "error": r.error, "load": [r.load_before, r.load_after],
+                        "report": r.report} for r in rows],
+              "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
+    json_out = args.json_out or (args.doc.with_suffix(".json") if args.write_doc else None)
+    if json_out:
+        json_out.write_text(json.dumps(record, indent=1))
+    if args.write_doc:
+        write_doc(args.doc, generated)
+
+
+if __name__ == "__main__":
+    main()
