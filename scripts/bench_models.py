@@ -14,10 +14,11 @@ off. An LKAM gate (two 1x1 banks, hidden width max(4, C/16)) is inserted before 
 block and its ChannelMask after that conv's activation; in MobileNetV2 the same mask also follows the
 depthwise conv, so the block's three convs all shrink (expand: output channels; depthwise: its channels;
 project: its input channels), and the final 1x1 conv to 1280 is gated too; in ResNet-18 the block's second
-conv skips the masked input channels. Not gated: the stems, ResNet's downsample convs, the classifiers. The gates' second bank
-has near-zero weights and a bias of +6 (on) or -6 (off) per kernel, so exactly ``round(gate_off * K)``
-kernels of every gated layer are off for *any* input: a measuring device for skip efficiency, not a trained
-model. The gates' own compute (at the block's input resolution) is included in every engine's work.
+conv skips the masked input channels. Not gated: the stems, ResNet's downsample convs, the classifiers.
+The gates' second bank has near-zero weights and a bias of +6 (on) or -6 (off) per kernel, so exactly
+``round(gate_off * K)`` kernels of every gated layer are off for *any* input: a measuring device for skip
+efficiency, not a trained model. The gates' own compute (at the block's input resolution) is included in
+every engine's work.
 
 Run ``python scripts/bench_models.py OUT_DIR`` to write every model (and the gated variants) as .h5 files.
 """
