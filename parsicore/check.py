@@ -351,7 +351,7 @@ def run_onnxruntime(model_proto: Any, inputs: Sequence[np.ndarray], extra_output
             if name not in have:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = _onnx_session(proto)
-    names = [i.name for i in session.get_inputs()]
+    names = [i.name for i in onnx_graph_inputs(proto)]  # initializers listed as inputs keep their values
     if len(names) != len(inputs):
         raise InputError(f"the ONNX model takes {len(names)} input(s), the parsicore model {len(inputs)}")
     try:

@@ -87,7 +87,7 @@ def export_torch(module: Any, example_input: Any, path: str | os.PathLike[str] |
             expected = module(x)
         builder = ModelBuilder(model_name, description=description, license=license,
                                producer=f"parsicore.export.torch_export (torch {torch.__version__})")
-        converter = _Converter(torch, gm, values, builder)
+        converter = _Converter(torch, gm, values, builder, model_name)
         outputs = converter.convert(expected)
     finally:
         module.train(was_training)
@@ -344,8 +344,9 @@ def _sanitise(name: str) -> str:
 class _Converter:
     """Walks the fx graph once, emitting parsicore nodes into the builder."""
 
-    def __init__(self, torch: Any, gm: Any, values: Mapping[Any, Any], builder: ModelBuilder) -> None:
+    def __init__(self, torch: Any, gm: Any, values: Mapping[Any, Any], builder: ModelBuilder, label: str) -> None:
         self.torch = torch
+        self.label = label
         self.gm = gm
         self.values = values
         self.b = builder
@@ -395,7 +396,7 @@ class _Converter:
                 self.problems.append(str(e))
                 self.poisoned.add(node)
         if self.problems:
-            raise ConversionError(f"cannot export {self.b._metadata['name']}: {len(self.problems)} unsupported "
+            raise ConversionError(f"cannot export {self.label}: {len(self.problems)} unsupported "
                                   f"module(s)/function(s): {'; '.join(self.problems)}")
         return outputs
 

@@ -185,6 +185,8 @@ class _Importer:
         self.problems: list[str] = []
         self.batch = 1
         self.onnx_outputs: list[str] = []
+        self._onnx_inputs: list[str] = []
+        self.view: GraphView | None = None
 
     # ------------------------------------------------------------------ driver
     def convert(self) -> ModelFile:
@@ -237,7 +239,7 @@ class _Importer:
             if self.problems:
                 msg += f"; {'; '.join(self.problems)}"
             raise ConversionError(msg)
-        self.b.set_metadata(onnx={"opset": self.opset, "inputs": [t for t in self._onnx_inputs],
+        self.b.set_metadata(onnx={"opset": self.opset, "inputs": list(self._onnx_inputs),
                                   "outputs": self.onnx_outputs})
         model_file = self.b.build()
         try:
@@ -247,6 +249,9 @@ class _Importer:
         except ParsicoreError as e:
             raise ConversionError(f"{self.label}: the converted graph is invalid: {e}") from e
         return model_file
+
+    def _used(self, tensor: str) -> bool:
+        return tensor in self.onnx_outputs or bool(self.view and self.view.users(tensor))
 
     def _unsupported_op(self, node: OnnxNode) -> None:
         op = node.op if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op}"
@@ -259,7 +264,6 @@ class _Importer:
 
     def _declare_inputs(self) -> None:
         inits = set(self.const)
-        self._onnx_inputs = []
         for i, vi in enumerate(x for x in self.model.graph.input if x.name not in inits):
             tt = vi.type.tensor_type
             if tt.elem_type not in (self.onnx.TensorProto.FLOAT, self.onnx.TensorProto.FLOAT16,
@@ -409,7 +413,7 @@ class _Importer:
         self._alias(node, node.inputs[0])
 
     def _op_Dropout(self, node: OnnxNode) -> None:
-        if len(node.outputs) > 1 and node.outputs[1] and self.view.users(node.outputs[1]):
+        if len(node.outputs) > 1 and node.outputs[1] and self._used(node.outputs[1]):
             raise _Unsupported(node, "its mask output is used")
         training = self._c(node, 2, "training_mode")
         if training is not None and bool(training.reshape(())):
@@ -492,7 +496,7 @@ class _Importer:
         self._emit(node, "Conv", [x], attrs, {"weight": w, "bias": bias})
 
     def _op_BatchNormalization(self, node: OnnxNode) -> None:
-        if any(t and self.view.users(t) for t in node.outputs[1:]) or node.attr("training_mode", 0):
+        if any(t and self._used(t) for t in node.outputs[1:]) or node.attr("training_mode", 0):
             raise _Unsupported(node, "training mode (running statistics outputs)")
         x = self._x(node, (2, 4))
         scale, bias, mean, var = (self._c(node, i, n) for i, n in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")))
@@ -507,7 +511,7 @@ class _Importer:
         strides, dilations, pads = self._window(node, x, (kernel[0], kernel[1]))
         if dilations != [1, 1]:
             raise _Unsupported(node, f"dilations={dilations}")
-        if len(node.outputs) > 1 and node.outputs[1] and self.view.users(node.outputs[1]):
+        if len(node.outputs) > 1 and node.outputs[1] and self._used(node.outputs[1]):
             raise _Unsupported(node, "its indices output is used")
         attrs: dict[str, Any] = {"kernel": list(kernel), "stride": strides, "pads": pads,
                                  "ceil_mode": bool(node.attr("ceil_mode", 0))}
