@@ -94,7 +94,8 @@ def info(model_path: Path | None, backend: str | None) -> None:
     click.echo(f"parsicore {_version()}  backend: {model.backend} (default here: {default_backend()}; "
                f"numba {'available' if numba_available() else 'not installed'})")
     click.echo(f"model: {model_path or default_model_path()}")
-    click.echo(f"name: {meta.get('name', '')}  license: {meta.get('license', '')}  producer: {meta.get('producer', '')}")
+    click.echo(f"name: {meta.get('name', '')}  license: {meta.get('license', '')}  "
+               f"producer: {meta.get('producer', '')}")
     for t in model.inputs:
         click.echo(f"input  {t.name}: {_shape(t.shape)}")
     for t in model.outputs:
@@ -279,7 +280,8 @@ def eval_command(model_path: Path, data: Path, thresholds: str | None, plot_path
             click.echo(f"{t:>9}  {p.accuracy:8.2%}  {p.conv_macs_fraction:18.1%}  {p.macs_fraction:17.1%}")
     if plot_path is not None:
         drawing.curve([(p.macs_fraction, p.accuracy, "model" if p.threshold is None else f"t={p.threshold:g}")
-                       for p in points], plot_path, title=f"{model.metadata.get('name', model_path)}: accuracy vs compute")
+                       for p in points], plot_path,
+                      title=f"{model.metadata.get('name', model_path)}: accuracy vs compute")
 
 
 # ----------------------------------------------------------------------------------------------- entry

@@ -157,12 +157,14 @@ def _parse_graph(graph: Any, path: Path) -> tuple[list[TensorSpec], list[str], l
         if len(shape) < 2 or len(shape) > 4:
             raise ModelFormatError(f"{path}: input {name!r} must have rank 2 to 4 with the batch first, got {shape}")
         if shape[0] is not None:
-            raise ModelFormatError(f"{path}: input {name!r}: the batch dimension must be null (dynamic), got {shape[0]}")
+            raise ModelFormatError(f"{path}: input {name!r}: the batch dimension must be null (dynamic), "
+                                   f"got {shape[0]}")
         dims = shape[1:]
         if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in dims):
             raise ModelFormatError(f"{path}: input {name!r} has invalid dimensions {shape} (each 1..{MAX_DIM})")
         if int(np.prod(dims, dtype=np.int64)) > MAX_INPUT_ELEMENTS:
-            raise ModelFormatError(f"{path}: input {name!r} declares {shape}, absurdly large (> {MAX_INPUT_ELEMENTS} values)")
+            raise ModelFormatError(f"{path}: input {name!r} declares {shape}, absurdly large "
+                                   f"(> {MAX_INPUT_ELEMENTS} values)")
         inputs.append(TensorSpec(name, (None, *dims)))
     outputs = graph["outputs"]
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o for o in outputs):
@@ -206,7 +208,8 @@ def _read_float_group(group: Any, what: str, path: Path) -> tuple[dict[str, np.n
         try:
             arr = np.asarray(ds[()])
         except Exception as e:  # truncated data surfaces here
-            raise ModelFormatError(f"{path}: cannot read {what}/{key} ({_first_line(e)}); is the file truncated?") from e
+            raise ModelFormatError(
+                f"{path}: cannot read {what}/{key} ({_first_line(e)}); is the file truncated?") from e
         if arr.dtype == np.float16:
             halves.add(key)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -248,7 +251,8 @@ def _read_open_file(f: Any, p: Path) -> ModelFile:
     except (TypeError, ValueError):
         raise ModelFormatError(f"{p}: format_version attribute is missing or not an integer") from None
     if version != FORMAT_VERSION:
-        raise ModelFormatError(f"{p}: format version {version} is not supported (this parsicore reads version {FORMAT_VERSION})")
+        raise ModelFormatError(f"{p}: format version {version} is not supported "
+                               f"(this parsicore reads version {FORMAT_VERSION})")
     inputs, outputs, nodes = _parse_graph(_read_json(f, "graph_json", p), p)
     metadata = _read_json(f, "metadata_json", p)
     if not isinstance(metadata, dict):

@@ -38,7 +38,8 @@ def random_models(draw):
             k = draw(st.sampled_from([1, 3]))
             stride = draw(st.sampled_from([1, 2])) if h >= 4 else 1
             out = draw(st.integers(1, 8))
-            t2 = b.add_node("Conv", [t], [f"c{i}"], name=f"conv{i}", attrs={"pads": (k // 2,) * 4, "stride": (stride,) * 2},
+            t2 = b.add_node("Conv", [t], [f"c{i}"], name=f"conv{i}",
+                            attrs={"pads": (k // 2,) * 4, "stride": (stride,) * 2},
                             weights={"weight": _w(rng, out, c, k, k), "bias": _w(rng, out, scale=0.1)})
             if draw(st.booleans()):
                 t2 = b.add_node("BatchNorm", [t2], [f"bn{i}"], name=f"bn{i}", weights=bn_weights(rng, out))
