@@ -22,6 +22,7 @@ everything outside them is kept.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ class Row:
     error: str = ""
     load_before: float = 0.0
     load_after: float = 0.0
+    code: str = ""  # engine_fingerprint() when the row started
 
     def engine(self, name: str) -> dict[str, Any] | None:
         return None if self.report is None else self.report["engines"].get(name)
@@ -104,13 +106,15 @@ def label(key: str) -> str:
     return f"{LABELS[base]}, synthetic {off} % off"
 
 
+def default_model() -> Path:
+    """The shipped default gated model of this checkout (not imported from parsicore: see main)."""
+    return REPO / "weights" / "fashion_gated.h5"
+
+
 def build_model(key: str, model_dir: Path) -> Path | None:
     """The model file for ``key`` (built into model_dir); None for the default gated model when absent."""
     if key == DEFAULT_GATED:
-        from parsicore.api import default_model_path
-
-        path = default_model_path()
-        return path if path.is_file() else None
+        return default_model() if default_model().is_file() else None
     path = model_dir / f"{key}.h5"
     if not path.is_file():
         if key in bench_models.DENSE:
@@ -124,13 +128,13 @@ def build_model(key: str, model_dir: Path) -> Path | None:
 def run_row(key: str, path: Path, threads: int, runs: int, warmup: int, isolate: bool) -> Row:
     cmd = [*_parsicore_cmd(), "bench", str(path), "--threads", str(threads), "--runs", str(runs), "--warmup",
            str(warmup), "--json"] + (["--isolate"] if isolate else [])
-    before = os.getloadavg()[0]
+    before, code = os.getloadavg()[0], engine_fingerprint()
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, check=False)
     after = os.getloadavg()[0]
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return Row(key, threads, None, f"exit {done.returncode}: {last}", before, after)
-    return Row(key, threads, json.loads(done.stdout), "", before, after)
+        return Row(key, threads, None, f"exit {done.returncode}: {last}", before, after, code)
+    return Row(key, threads, json.loads(done.stdout), "", before, after, code)
 
 
 def quieter(a: Row, b: Row) -> Row:
@@ -183,8 +187,16 @@ def code_version() -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "parsicore").splitlines() if line[:2] != "??"]
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "parsicore").splitlines()]
     return f"commit {head}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def engine_fingerprint() -> str:
+    """A short hash of every parsicore/*.py source: tells whether the engine changed between two rows."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "parsicore").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:8]
 
 
 def machine_info() -> dict[str, Any]:
@@ -217,9 +229,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def sample_image() -> Path:
-    from parsicore.api import weights_dir
-
-    return sorted((weights_dir() / "samples").glob("*.png"))[0]
+    return sorted((REPO / "weights" / "samples").glob("*.png"))[0]
 
 
 def measure_startup(model: Path | None, runs: int, cold_runs: int) -> dict[str, Any]:
@@ -294,6 +304,7 @@ def table(rows: Sequence[Row]) -> list[str]:
             "parsicore/torch", "GFLOP/s parsicore / ORT", "MACs executed", "kernels on",
             "peak RSS MiB alone: parsicore / ORT / torch", "load avg"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    letters = code_letters(rows)
     for r in rows:
         if r.report is None:
             out.append(f"| {label(r.key)} | {r.threads} | failed: {r.error} |" + " - |" * (len(head) - 3))
@@ -304,7 +315,7 @@ def table(rows: Sequence[Row]) -> list[str]:
         kf = r.report["kernels_fraction"]
         rss = " / ".join(_mb(e["isolated_peak_rss_mb"]) if e else "-" for e in (p, o, t))
         cells = [
-            label(r.key), str(r.threads), f"{_ms(p['median_ms'])} / {_ms(p['p90_ms'])}",
+            label(r.key), f"{r.threads}{letters.get(r.code, '')}", f"{_ms(p['median_ms'])} / {_ms(p['p90_ms'])}",
             _ms(o["median_ms"]) if o else "skipped", _ms(t["median_ms"]) if t else "skipped",
             _x(ratios.get("onnxruntime")), _x(ratios.get("torch")),
             f"{p['gflops']:.1f} / {o['gflops']:.1f}" if o else f"{p['gflops']:.1f} / -",
@@ -313,6 +324,12 @@ def table(rows: Sequence[Row]) -> list[str]:
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def code_letters(rows: Sequence[Row]) -> dict[str, str]:
+    """Engine fingerprint -> " (a)", " (b)"... when the engine's source changed during the run, else {}."""
+    codes = list(dict.fromkeys(r.code for r in rows))
+    return {} if len(codes) < 2 else {c: f" ({chr(ord('a') + i)})" for i, c in enumerate(codes)}
 
 
 def _find(rows: Sequence[Row], key: str, threads: int) -> Row | None:
@@ -348,8 +365,9 @@ def targets(rows: Sequence[Row], threads: Sequence[int], startup: dict[str, Any]
                 out.append((f"{label(key)} 50 % off, {t} thread(s): <= 0.55x own dense", "-", verdict(None)))
                 continue
             frac = gated.report["macs_fraction"] * gated.report["macs_dense"] / dense.report["macs_dense"]  # type: ignore[union-attr]
+            mixed = "; CAUTION: the two rows ran different engine sources" if dense.code != gated.code else ""  # type: ignore[union-attr]
             out.append((f"{label(key)} 50 % off, {t} thread(s): <= 0.55x own dense",
-                        f"{g / d:.2f}x ({g:.2f} vs {d:.2f} ms; MACs {frac:.1%} of the dense model's)",
+                        f"{g / d:.2f}x ({g:.2f} vs {d:.2f} ms; MACs {frac:.1%} of the dense model's{mixed})",
                         verdict(g / d <= 0.55)))
     for t in threads:
         row = _find(rows, DEFAULT_GATED, t)
@@ -505,11 +523,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = machine_info()
     notes: list[str] = []
     rows: list[Row] = []
+    json_out = args.json_out or (args.doc.with_suffix(".json") if args.write_doc else None)
+    startup = run_rss = None
+
+    def record() -> dict[str, Any]:
+        return {"command": command, "code": version, "started": started, "machine": info,
+                "rows": [{"key": r.key, "threads": r.threads, "error": r.error, "load": [r.load_before, r.load_after],
+                          "engine_sources": r.code, "report": r.report} for r in rows],
+                "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
+
     with tempfile.TemporaryDirectory(prefix="parsicore-bench-models-") as tmp:
         model_dir = args.model_dir or Path(tmp)
         model_dir.mkdir(parents=True, exist_ok=True)
+        # Every model is built before the first row: the engine's sources may change while the matrix runs
+        # (other developers), and this process must not import parsicore again after the start.
+        paths = {key: build_model(key, model_dir) for key in keys}
+        need_small = not args.no_startup and not default_model().is_file()
+        startup_model = build_model("small_cnn", model_dir) if need_small else None
+        rss_model = build_model("resnet18", model_dir) if not args.no_startup and "resnet18" in keys else None
         for key in keys:
-            path = build_model(key, model_dir)
+            path = paths[key]
             if path is None:
                 notes.append(f"{label(key)}: skipped, the file does not exist yet")
                 print(f"bench_matrix: {key}: skipped (no model file)", file=sys.stderr)
@@ -522,18 +555,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 assert best is not None  # noqa: S101 - repeat >= 1
                 rows.append(best)
                 print(table([best])[-1], file=sys.stderr)
-        startup = run_rss = None
+                if json_out:  # partial results survive a crash or an interrupt
+                    json_out.write_text(json.dumps(record(), indent=1))
         if not args.no_startup:
-            from parsicore.api import default_model_path
-
-            default = default_model_path()
-            startup_model = None if default.is_file() else build_model("small_cnn", model_dir)
             if startup_model is not None:
                 notes.append("start-up: the default model does not exist yet, so `parsicore run` used the small "
                              "CNN (28x28 grey, like the default) through --model")
             startup = measure_startup(startup_model, runs=10, cold_runs=3)
-            if "resnet18" in keys:
-                run_rss = measure_run_rss(build_model("resnet18", model_dir))  # type: ignore[arg-type]
+            if rss_model is not None:
+                run_rss = measure_run_rss(rss_model)
     plot_note = plot(rows, args.plot)
     finished = time.strftime("%Y-%m-%d %H:%M %Z")
     generated = [
@@ -584,15 +614,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                       ""]
     elif plot_note:
         notes.append(f"plot: {plot_note}")
+    letters = code_letters(rows)
+    if letters:
+        notes.append("the engine's source changed while the matrix ran (the kernels are being optimised at the "
+                     "same time): the letter after the thread count names the version a row ran ("
+                     + ", ".join(f"{v.strip()} = sources {k}" for k, v in letters.items())
+                     + "); only rows with the same letter compare")
     generated += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     print("\n".join(generated))
-    record = {"command": command, "code": version, "started": started, "finished": finished, "machine": info,
-              "rows": [{"key": r.key, "threads": r.threads, "error": r.error, "load": [r.load_before, r.load_after],
-                        "report": r.report} for r in rows],
-              "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
-    json_out = args.json_out or (args.doc.with_suffix(".json") if args.write_doc else None)
     if json_out:
-        json_out.write_text(json.dumps(record, indent=1))
+        json_out.write_text(json.dumps({**record(), "finished": finished}, indent=1))
     if args.write_doc:
         write_doc(args.doc, generated)
 
