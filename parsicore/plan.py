@@ -19,7 +19,7 @@ import numpy as np
 from parsicore.errors import GraphError
 from parsicore.graph import Graph, Node
 from parsicore.kernels import factories
-from parsicore.kernels.base import Activation, Kernel, KernelSpec
+from parsicore.kernels.base import Activation, Kernel, KernelContext, KernelSpec
 from parsicore.ops.base import Shape
 
 
@@ -63,6 +63,8 @@ class Plan:
     slot_elements: tuple[int, ...]
     backend: str
     dense_macs: int
+    #: Shared by the plan's kernels: per-thread scratch memory and the thread budget of the current run.
+    context: KernelContext = field(default_factory=KernelContext, compare=False, repr=False)
 
     @property
     def gated_steps(self) -> tuple[Step, ...]:
@@ -130,11 +132,13 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
                 draft_of[nxt.name].removed = True  # type: ignore[union-attr]
     kept = [d for d in drafts if not d.removed]
 
+    context = KernelContext()
     steps: list[Step] = []
     for d in kept:
         n = d.node
         out_shapes = tuple(graph.shapes[t] for t in d.out)
-        spec = KernelSpec(n.type, n.attrs, d.weights, n.in_shapes, out_shapes, d.activation, name=n.name)
+        spec = KernelSpec(n.type, n.attrs, d.weights, n.in_shapes, out_shapes, d.activation, name=n.name,
+                          context=context)
         try:
             kernel = table[n.type](spec)
         except ValueError as e:
@@ -156,7 +160,7 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
     steps = _link_gates(steps, consumers, model_outputs, by_output)
     slot_of, slot_elements = _assign_slots(steps, graph)
     return Plan(tuple(steps), graph.inputs, graph.outputs, dict(graph.shapes), slot_of, slot_elements, backend,
-                graph.total_macs)
+                graph.total_macs, context)
 
 
 def _link_gates(steps: list[Step], consumers: Mapping[str, list[Node]], model_outputs: set[str],

@@ -6,16 +6,15 @@ into belong to the calling thread (allocated on its first call for a batch size,
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from parsicore import gates
+from parsicore import gates, threads
 from parsicore.errors import InputError
 from parsicore.format import ModelFile
 from parsicore.graph import Graph
@@ -88,18 +87,72 @@ class TensorInfo:
 
 
 def _conv_macs(step: Step, active_out: np.ndarray | None, active_in: np.ndarray | None) -> int:
+    """Dense MACs of one image of a conv with these active output/input channels (sorted, unique)."""
+    if active_out is None and active_in is None:
+        return step.macs
     k = step.out_shapes[0][0]
     c = step.conv_in_channels
     g = step.conv_groups
-    if active_out is None and active_in is None:
-        return step.macs
-    out_on = np.ones(k, dtype=bool) if active_out is None else np.isin(np.arange(k), active_out)
-    in_on = np.ones(c, dtype=bool) if active_in is None else np.isin(np.arange(c), active_in)
+    n_out = k if active_out is None else len(active_out)
     if g == 1:
-        return int(out_on.sum()) * int(in_on.sum()) * step.conv_unit
+        return n_out * (c if active_in is None else len(active_in)) * step.conv_unit
     if g == c == k:
-        return int((out_on & in_on).sum()) * step.conv_unit
-    return int(out_on.sum()) * (c // g) * step.conv_unit  # other grouped convs ignore active_in
+        if active_out is None or active_in is None:
+            both = len(active_in if active_out is None else active_out)
+        else:
+            on = np.zeros(k, dtype=bool)
+            on[active_out] = True
+            both = int(np.count_nonzero(on[active_in]))
+        return both * step.conv_unit
+    return n_out * (c // g) * step.conv_unit  # other grouped convs ignore active_in
+
+
+#: How a step's set of possibly non-zero channels follows from its inputs (see _propagate_zero).
+ZERO_NONE, ZERO_PASS, ZERO_MASK, ZERO_CONCAT = 0, 1, 2, 3
+
+
+class _StepInfo(NamedTuple):
+    """Facts about one step fixed by the plan: gating can reach it or not, and how zeros propagate."""
+
+    #: A conv whose output channels and input channels are always all active (no gate reaches it).
+    static_dense: bool
+    zero_rule: int
+
+
+def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
+    """Which steps may see gating: a tensor may have known-zero channels when a ChannelMask or a gated conv
+    produced it, or a channel-wise step or concat passed such channels on."""
+    maybe_zero: dict[str, bool] = {}
+    infos = []
+    for step in plan.steps:
+        if step.is_gate:
+            rule, zero = ZERO_NONE, False
+        elif step.is_conv:
+            rule, zero = ZERO_NONE, step.gate_mask is not None
+        elif step.op_type == "ChannelMask":
+            rule, zero = ZERO_MASK, True
+        elif step.passes_zero:
+            rule, zero = ZERO_PASS, maybe_zero.get(step.inputs[0], False)
+        elif step.op_type == "Concat":
+            rule, zero = ZERO_CONCAT, all(maybe_zero.get(t, False) for t in step.inputs)
+        else:
+            rule, zero = ZERO_NONE, False
+        for t in step.outputs:
+            maybe_zero[t] = zero
+        static_dense = step.is_conv and step.gate_mask is None and not maybe_zero.get(step.inputs[0], False)
+        infos.append(_StepInfo(static_dense, rule if zero else ZERO_NONE))
+    return tuple(infos)
+
+
+class _Workspace(NamedTuple):
+    """One thread's buffers for one batch size: slots, gate switches, per-step output views, and the
+    LayerStats of steps whose accounting never changes (dense steps), all made on the first call."""
+
+    n: int
+    slots: list[np.ndarray]
+    switches: dict[int, np.ndarray]
+    outs: list[list[np.ndarray]]
+    fixed_stats: list[LayerStats | None]
 
 
 class Model:
@@ -111,6 +164,7 @@ class Model:
         self._plan = plan
         self._threads = threads
         self._local = threading.local()
+        self._infos = _step_infos(plan)
 
     # ------------------------------------------------------------------ description
     @property
@@ -190,7 +244,8 @@ class Model:
             missing = [s.name for s in specs if s.name not in x]
             extra = sorted(set(x) - {s.name for s in specs})
             if missing or extra:
-                raise InputError(f"inputs must be exactly {[s.name for s in specs]}; missing {missing}, unknown {extra}")
+                raise InputError(f"inputs must be exactly {[s.name for s in specs]}; missing {missing}, "
+                                 f"unknown {extra}")
             feeds = dict(x)
         else:
             if len(specs) != 1:
@@ -216,84 +271,110 @@ class Model:
                 raise InputError(f"input {spec.name!r} contains NaN or infinity")
         return feeds
 
-    def _workspace(self, n: int) -> list[np.ndarray]:
-        cache = getattr(self._local, "workspace", None)
-        if cache is None or cache[0] != n:
-            # One flat float32 buffer per slot, sized for this batch; kept for this thread's next calls.
-            cache = (n, [np.empty(n * e, dtype=np.float32) for e in self._plan.slot_elements], {})
-            self._local.workspace = cache
-        return cache
+    def _workspace(self, n: int) -> _Workspace:
+        ws = getattr(self._local, "workspace", None)
+        if ws is None or ws.n != n:
+            ws = self._new_workspace(n)
+            self._local.workspace = ws
+        return ws
+
+    def _new_workspace(self, n: int) -> _Workspace:
+        """One flat float32 buffer per slot, sized for batch n, with every step's output views cut from it."""
+        plan = self._plan
+        slots = [np.empty(n * e, dtype=np.float32) for e in plan.slot_elements]
+        outs, fixed, switches = [], [], {}
+        for i, (step, info) in enumerate(zip(plan.steps, self._infos)):
+            views = []
+            for t in step.outputs:
+                shape = plan.shapes[t]
+                size = int(np.prod(shape, dtype=np.int64))
+                views.append(slots[plan.slot_of[t]][: n * size].reshape((n, *shape)))
+            outs.append(views)
+            stats = None
+            if step.is_gate:
+                switches[i] = np.empty_like(views[0])
+                stats = LayerStats(step.name, step.op_type, 0.0, 0, step.macs * n, step.macs * n, False)
+            elif info.static_dense:
+                macs = (step.macs + step.epilogue_macs) * n
+                stats = LayerStats(step.name, step.op_type, step.out_shapes[0][0], step.out_shapes[0][0], macs, macs,
+                                   False)
+            elif not step.is_conv and step.macs + step.epilogue_macs:
+                macs = (step.macs + step.epilogue_macs) * n
+                stats = LayerStats(step.name, step.op_type, 0.0, 0, macs, macs, False)
+            fixed.append(stats)
+        return _Workspace(n, slots, switches, outs, fixed)
 
     def _execute(self, feeds: dict[str, np.ndarray], n: int, threshold: float | None, keep: float | None,
                  capture: bool = False) -> tuple[dict[str, np.ndarray], list[LayerStats]]:
         """Run every step; returns the live tensors (copies of all of them when capture) and layer stats."""
         plan = self._plan
-        _, slots, scratch = self._workspace(n)
+        ws = self._workspace(n)
+        plan.context.threads = self._threads
         if self._threads:
-            _set_threads(self._threads, plan.backend)
+            threads.apply(self._threads)
         tensors: dict[str, np.ndarray] = dict(feeds)
         captured: dict[str, np.ndarray] = dict(feeds)
-        # Per tensor: None (any channel may be non-zero) or per image the channels that may be non-zero.
+        # Per tensor: absent/None (any channel may be non-zero) or per image the channels that may be non-zero.
         nonzero: dict[str, list[np.ndarray] | None] = {}
         layers: list[LayerStats] = []
-        for i, step in enumerate(plan.steps):
+        for i, (step, info) in enumerate(zip(plan.steps, self._infos)):
             ins = [tensors[t] for t in step.inputs]
-            outs = []
-            for t in step.outputs:
-                size = int(np.prod(plan.shapes[t], dtype=np.int64))
-                outs.append(slots[plan.slot_of[t]][: n * size].reshape((n, *plan.shapes[t])))
+            outs = ws.outs[i]
             if step.is_gate:
-                switches = scratch.get(i)
-                if switches is None or switches.shape != outs[0].shape:
-                    switches = scratch[i] = np.empty_like(outs[0])
+                switches = ws.switches[i]
                 step.kernel(ins, [switches])
                 outs[0][...] = gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep)
-                layers.append(LayerStats(step.name, step.op_type, 0.0, 0, step.macs * n, step.macs * n, False))
+            elif info.static_dense:
+                step.kernel(ins, outs)
             elif step.is_conv:
-                active_out = gates.active_channels(tensors[step.gate_mask]) if step.gate_mask else None
-                active_in = nonzero.get(step.inputs[0])
-                if active_out is None and active_in is None:
-                    step.kernel(ins, outs)
-                else:
-                    step.kernel(ins, outs, active_out=active_out, active_in=active_in)
-                k = step.out_shapes[0][0]
-                executed = sum(
-                    _conv_macs(step, None if active_out is None else active_out[b],
-                               None if active_in is None else active_in[b])
-                    for b in range(n)
-                )
-                on = k if active_out is None else float(np.mean([len(a) for a in active_out]))
-                layers.append(LayerStats(step.name, step.op_type, on, k, executed, step.macs * n,
-                                         step.gate_mask is not None))
-                if step.epilogue_macs:
-                    # The fused epilogue (folded BN, activation) runs on the computed channels only.
-                    layers.append(LayerStats(f"{step.name}:epilogue", "Epilogue", 0.0, 0,
-                                             round(step.epilogue_macs * n * on / k), step.epilogue_macs * n, False))
-                nonzero[step.outputs[0]] = active_out
+                layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero))
             else:
                 step.kernel(ins, outs)
-                macs = (step.macs + step.epilogue_macs) * n
-                if macs:
-                    layers.append(LayerStats(step.name, step.op_type, 0.0, 0, macs, macs, False))
-                nonzero[step.outputs[0]] = _propagate_zero(step, ins, nonzero, tensors)
+                if info.zero_rule != ZERO_NONE:
+                    nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors)
+            fixed = ws.fixed_stats[i]
+            if fixed is not None:
+                layers.append(fixed)
             for t, arr in zip(step.outputs, outs):
                 tensors[t] = arr
                 if capture:
                     captured[t] = arr.copy()
         return (captured if capture else tensors), layers
 
+    @staticmethod
+    def _gated_conv(step: Step, ins: list[np.ndarray], outs: list[np.ndarray], n: int,
+                    tensors: Mapping[str, np.ndarray], nonzero: dict[str, list[np.ndarray] | None]) -> LayerStats:
+        """Run a conv that gating may reach, with its active channel lists; its LayerStats for this call."""
+        active_out = gates.active_channels(tensors[step.gate_mask]) if step.gate_mask else None
+        active_in = nonzero.get(step.inputs[0])
+        if active_out is None and active_in is None:
+            step.kernel(ins, outs)
+        else:
+            step.kernel(ins, outs, active_out=active_out, active_in=active_in)
+        k = step.out_shapes[0][0]
+        executed = sum(
+            _conv_macs(step, None if active_out is None else active_out[b], None if active_in is None else active_in[b])
+            for b in range(n)
+        )
+        on = k if active_out is None else sum(len(a) for a in active_out) / n
+        # The fused epilogue (folded BN, activation) runs on the computed channels only.
+        executed += round(step.epilogue_macs * n * on / k)
+        nonzero[step.outputs[0]] = active_out
+        return LayerStats(step.name, step.op_type, on, k, executed, (step.macs + step.epilogue_macs) * n,
+                          step.gate_mask is not None)
 
-def _propagate_zero(step: Step, ins: Sequence[np.ndarray], nonzero: Mapping[str, list[np.ndarray] | None],
+
+def _propagate_zero(step: Step, rule: int, nonzero: Mapping[str, list[np.ndarray] | None],
                     tensors: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
-    if step.op_type == "ChannelMask":
+    if rule == ZERO_MASK:
         on = gates.active_channels(tensors[step.inputs[1]])
         before = nonzero.get(step.inputs[0])
         if before is None:
             return on
-        return [np.intersect1d(a, b) for a, b in zip(on, before)]
-    if step.passes_zero:
+        return [np.intersect1d(a, b, assume_unique=True) for a, b in zip(on, before)]
+    if rule == ZERO_PASS:
         return nonzero.get(step.inputs[0])
-    if step.op_type == "Concat" and all(nonzero.get(t) is not None for t in step.inputs):
+    if rule == ZERO_CONCAT and all(nonzero.get(t) is not None for t in step.inputs):
         parts, offset = None, 0
         for t, shape in zip(step.inputs, step.in_shapes):
             sets = nonzero[t]
@@ -302,11 +383,3 @@ def _propagate_zero(step: Step, ins: Sequence[np.ndarray], nonzero: Mapping[str,
             offset += shape[0]
         return parts
     return None
-
-
-def _set_threads(threads: int, backend: str) -> None:
-    if backend == "numba":
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -14,10 +14,16 @@ load time (it may pack weights into the layout it likes); the kernel runs every 
   must be computed; the others must be written as 0.
 - ``active_in``: None or one sorted int64 array per image of the input channels that may be non-zero;
   the others are known to be all zero and may be skipped.
+
+Scratch memory and threads: ``spec.context`` (a :class:`KernelContext`, one per plan, shared by its kernels)
+holds per-thread scratch memory (im2col columns, gathered weights) that is allocated once and reused by
+every later call of that thread, and the thread budget of the thread's current run. A kernel built without
+one (tests) makes its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,13 +96,49 @@ def keeps_zero(act: Activation | None) -> bool:
     return True
 
 
+#: Scratch pieces start on 64-byte boundaries (one cache line, one AVX-512 register).
+_ALIGN_FLOATS = 16
+
+
+class KernelContext(threading.local):
+    """Per-thread state shared by the kernels of one plan: scratch memory and the thread budget.
+
+    Being a ``threading.local``, each thread sees its own attributes, so kernels called concurrently from
+    several threads never share scratch memory. ``threads``: compute threads of this thread's current run
+    (None: the library defaults); the runtime sets it before a run, kernels read it to choose serial or
+    parallel variants.
+    """
+
+    def __init__(self) -> None:
+        self.threads: int | None = None
+        self._scratch = np.empty(0, dtype=np.float32)
+
+    def scratch(self, *sizes: int) -> list[np.ndarray]:
+        """Flat float32 arrays of ``sizes`` elements, carved from this thread's scratch buffer (grown, never
+        shrunk: after a thread's first call no more memory is allocated). Valid until the next call of
+        ``scratch`` in this thread, i.e. within one kernel call; contents are garbage."""
+        spans = [-(-max(int(s), 1) // _ALIGN_FLOATS) * _ALIGN_FLOATS for s in sizes]
+        total = sum(spans) + _ALIGN_FLOATS
+        buf = self._scratch
+        if buf.size < total:
+            buf = self._scratch = np.empty(total, dtype=np.float32)
+        # Start on an aligned element: NumPy aligns large buffers to 16 bytes only.
+        start = (-(buf.ctypes.data // 4)) % _ALIGN_FLOATS
+        out = []
+        for size, span in zip(sizes, spans):
+            out.append(buf[start:start + int(size)])
+            start += span
+        return out
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Everything a factory needs, fixed at load time.
 
     op: op type (``"Conv"``); attrs: the op's attribute dataclass; weights: float32 arrays by name (for a
     Conv, BatchNorm has already been folded into ``weight``/``bias``); in_shapes/out_shapes: feature
-    shapes (without N); activation: a fused epilogue (Conv and Gemm only), applied after the bias.
+    shapes (without N); activation: a fused epilogue (Conv and Gemm only), applied after the bias;
+    context: the plan's shared :class:`KernelContext` (None: the kernel makes its own).
     """
 
     op: str
@@ -106,6 +148,11 @@ class KernelSpec:
     out_shapes: tuple[Shape, ...]
     activation: Activation | None = None
     name: str = field(default="", compare=False)
+    context: KernelContext | None = field(default=None, compare=False, repr=False)
+
+    def kernel_context(self) -> KernelContext:
+        """The plan's context, or a new one for a kernel built on its own."""
+        return self.context if self.context is not None else KernelContext()
 
 
 class Kernel(Protocol):
