@@ -156,3 +156,26 @@ def pool_cases(draw: st.DrawFn, op: str, torch_compatible: bool = False) -> Pool
     seed = draw(st.integers(0, 2**32 - 1))
     x = maybe_non_contiguous(seeded_array(seed, (n, c, h, w)), draw(st.booleans()))
     return PoolCase(op, attrs, x, out_shape)
+
+
+@st.composite
+def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_000) -> ConvCase:
+    """A depthwise Conv whose output plane has between min_pixels and max_pixels positions (the numba
+    backend picks its depthwise kernel by output size): spatial up to 24, strides 1..3, dilation 1..2."""
+    n = draw(st.integers(1, 2))
+    c = draw(st.integers(1, 12))
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    h = max(draw(st.integers(1, 24)), dilation[0] * (kernel[0] - 1) + 1 - pads[0] - pads[2], 1)
+    w = max(draw(st.integers(1, 24)), dilation[1] * (kernel[1] - 1) + 1 - pads[1] - pads[3], 1)
+    out_shape = (c, conv_output_size(h, kernel[0], stride[0], dilation[0], pads[0], pads[2]),
+                 conv_output_size(w, kernel[1], stride[1], dilation[1], pads[1], pads[3]))
+    assume(min_pixels <= out_shape[1] * out_shape[2] <= max_pixels)
+    seed = draw(st.integers(0, 2**32 - 1))
+    x = maybe_non_contiguous(seeded_array(seed, (n, c, h, w)), draw(st.booleans()))
+    weight = seeded_array(seed + 1, (c, 1, *kernel), scale=1.0 / math.sqrt(kernel[0] * kernel[1]))
+    bias = seeded_array(seed + 2, (c,)) if draw(st.booleans()) else None
+    attrs = ConvAttrs(stride=stride, pads=pads, dilation=dilation, groups=c)  # type: ignore[arg-type]
+    return ConvCase(attrs, x, weight, bias, draw(activations()), out_shape)

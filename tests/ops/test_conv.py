@@ -13,7 +13,7 @@ from parsicore.kernels.base import ACTIVATION_KINDS, KernelSpec, apply_activatio
 from parsicore.kernels.numpy_backend.conv import ConvGeometry, conv_path
 from parsicore.ops.base import parse_attrs
 from parsicore.ops.conv import ConvAttrs, ConvOp
-from tests.ops._strategies_conv import ConvCase, activation_of_kind, channel_lists, conv_cases
+from tests.ops._strategies_conv import ConvCase, activation_of_kind, channel_lists, conv_cases, depthwise_cases
 from tests.strategies import backends, seeded_array
 
 CONV = ConvOp()
@@ -154,6 +154,26 @@ def test_conv_depthwise_matches_reference(backend: str, case: ConvCase) -> None:
     assert_close(run_kernel(backend, case), want, scale)
 
 
+@pytest.mark.parametrize("path", ["planes", "blocks"])
+@given(data=st.data())
+def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObject) -> None:
+    """The numba backend's two depthwise kernels, dense and gated: flat padded planes for large outputs,
+    channels-last blocks for output planes of at most SMALL_PLANE pixels."""
+    numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    small = numba_conv.SMALL_PLANE
+    bounds = {"planes": (small + 1, 10_000), "blocks": (1, small)}[path]
+    case = data.draw(depthwise_cases(*bounds))
+    assert numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == path
+    n, c = case.x.shape[:2]
+    gating = data.draw(st.sampled_from(["dense", "rows", "columns", "both"]))
+    active_out = data.draw(channel_lists(c, n)) if gating in ("rows", "both") else None
+    active_in = data.draw(channel_lists(c, n)) if gating in ("columns", "both") else None
+    x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    got = run_kernel("numba", case, x, active_out=active_out, active_in=active_in)
+    assert_close(got, want, scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=conv_cases("grouped"))
 def test_conv_grouped_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:
@@ -261,3 +281,66 @@ def test_conv_rejects_bad_gating_lists(backend: str) -> None:
         run_kernel(backend, case, active_out=[np.array([0])])  # one list for two images
     with pytest.raises(ValueError):
         run_kernel(backend, case, active_in=[np.array([0, 3]), np.array([1])])  # channel 3 of 3
+
+
+# --- scratch memory and threads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_scratch_is_allocated_once(backend: str) -> None:
+    """im2col columns and gathered weights live in the context's per-thread scratch: after the first call
+    (dense, then gated) no call grows it, and the buffer is the same array."""
+    from parsicore.kernels.base import KernelContext
+
+    context = KernelContext()
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(11, (2, 6, 9, 9)), seeded_array(12, (8, 6, 3, 3)),
+                    seeded_array(13, (8,)), None, (8, 9, 9))
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,), context=context)
+    kernel = factories(backend)["Conv"](spec)
+    y = np.empty((2, *case.out_shape), dtype=np.float32)
+    gating = {"active_out": [np.array([0, 2, 5]), np.arange(8)], "active_in": [np.array([1, 4]), np.array([0])]}
+    kernel([case.x], [y])
+    kernel([case.x], [y], **gating)
+    buffer = context._scratch
+    for _ in range(3):
+        kernel([case.x], [y])
+        kernel([case.x], [y], **gating)
+    assert context._scratch is buffer
+    want, scale = expected(case, **gating)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_one_kernel_many_threads(backend: str) -> None:
+    """One kernel (one shared context) called from several threads at once: each thread has its own scratch."""
+    import threading
+
+    from parsicore.kernels.base import KernelContext
+
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(14, (1, 8, 12, 12)), seeded_array(15, (16, 8, 3, 3)),
+                    seeded_array(16, (16,)), None, (16, 12, 12))
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,), context=KernelContext())
+    kernel = factories(backend)["Conv"](spec)
+    inputs = [seeded_array(100 + i, (1, 8, 12, 12)) for i in range(8)]
+    wants = []
+    for x in inputs:
+        want, _ = expected(ConvCase(case.attrs, x, case.weight, case.bias, None, case.out_shape))
+        wants.append(want)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            y = np.empty((1, *case.out_shape), dtype=np.float32)
+            for _ in range(20):
+                for i in range(k, 8, 4):
+                    kernel([inputs[i]], [y], active_in=[np.arange(8)] if i % 2 else None)
+                    np.testing.assert_allclose(y, wants[i], rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -1,10 +1,19 @@
-"""Conv with Numba: parallel im2col, direct depthwise, fused bias + activation; the GEMM stays ``np.matmul``.
+"""Conv with Numba: im2col, weight gathering, fused epilogue and depthwise convs; the GEMM stays ``np.matmul``.
 
-Numba has no BLAS of its own without SciPy, so the GEMM is NumPy's; what Numba replaces are the three
-microkernels of :mod:`parsicore.kernels.numpy_backend.conv` (the orchestration, packing and gating logic are
-shared with it). Each public function checks and normalises its arguments (C-contiguous float32, int64
-indices) and calls a private ``@njit`` kernel; the kernels take only arrays and scalars, never globals
-that could change (Numba freezes globals at compile time).
+Numba has no BLAS of its own without SciPy, so the GEMM is NumPy's (OpenBLAS), called once per image by the
+orchestration shared with the numpy backend (:class:`~parsicore.kernels.numpy_backend.conv.ConvKernel`:
+packing, dense vs gated, scratch memory). What Numba replaces are the microkernels around it. Each public
+function normalises its arguments (C-contiguous float32, int64 indices) and calls a private ``@njit`` kernel
+that takes only arrays and scalars, never globals that could change (Numba freezes globals at compile time).
+
+Vectorisation: LLVM vectorises a loop only when its accesses are unit-stride (or a small constant stride)
+and free of Python's negative-index wrap-around; so inner loops run over slices whose bounds were clipped
+beforehand (no bounds test inside), and stride-2 variants are written with the literal 2.
+
+Depthwise ("flat planes"): per channel, the input is copied into zero-padded flat planes (one per row
+phase of the vertical stride) with row pitch ``pitch``; the output is accumulated on the padded grid and
+each tap is one long unit-stride loop over the whole plane instead of one short loop per row (the extra
+columns are dropped when the epilogue writes the output). See _depthwise_planes_kernel.
 """
 
 from __future__ import annotations
@@ -12,7 +21,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from parsicore.kernels.base import ACTIVATION_KINDS, Activation, KernelSpec
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.numba_backend.epilogue import (
+    activate_value,
+    activation_params,
+    bias_activation_rows,
+    finish_row,
+    scatter_rows,
+)
+from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.conv import (
     MODE_BIAS,
     MODE_COMPUTE,
@@ -22,100 +39,135 @@ from parsicore.kernels.numpy_backend.conv import (
     ConvMicrokernels,
 )
 
-# Activation codes the kernels branch on: 0 = none, then ACTIVATION_KINDS in order (immutable ints, which
-# Numba compiles in as constants).
-_RELU, _CLIP, _LEAKY_RELU, _SIGMOID, _TANH, _HARD_SIGMOID, _HARD_SWISH, _SILU = (
-    ACTIVATION_KINDS.index(kind) + 1
-    for kind in ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "hard_sigmoid", "hard_swish", "silu")
-)
+
+def _threads(context: KernelContext | None) -> int | None:
+    return None if context is None else context.threads
 
 
-def activation_params(act: Activation | None) -> tuple[int, float, float, float, float]:
-    """(code, alpha, beta, lo, hi) for the @njit kernels; code 0 means no activation."""
-    if act is None:
-        return 0, 0.0, 0.0, 0.0, 0.0
-    if act.kind not in ACTIVATION_KINDS:
-        raise ValueError(f"unknown activation {act.kind!r}")
-    return ACTIVATION_KINDS.index(act.kind) + 1, float(act.alpha), float(act.beta), float(act.lo), float(act.hi)
+# --- im2col --------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, fastmath=False)
-def _sigmoid(v):
-    # exp of -|v| never overflows, as in apply_activation.
-    e = np.exp(-abs(v))
-    return 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
+@jit
+def _copy_row(src, dst):
+    for t in range(dst.shape[0]):
+        dst[t] = src[t]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=False)
-def _activate(v, code, alpha, beta, lo, hi):
-    """One float32 value through activation ``code``; the same definitions as base.apply_activation."""
-    if code == 0:
-        return v
-    if code == _RELU:
-        return np.float32(0.0) if v < 0 else v  # NaN passes, as with np.maximum
-    if code == _CLIP:
-        return np.float32(min(max(v, lo), hi))
-    if code == _LEAKY_RELU:
-        return np.float32(v * alpha) if v < 0 else v
-    if code == _SIGMOID:
-        return np.float32(_sigmoid(v))
-    if code == _TANH:
-        return np.float32(np.tanh(v))
-    if code == _HARD_SIGMOID:
-        return np.float32(min(max(v * np.float32(alpha) + np.float32(beta), 0.0), 1.0))
-    if code == _HARD_SWISH:
-        return np.float32(v * (min(max(v + np.float32(3.0), 0.0), 6.0) / np.float32(6.0)))
-    if code == _SILU:
-        return np.float32(v * np.float32(_sigmoid(v)))
-    return v
-
-
-@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True)
+@serial_and_parallel
 def _im2col_kernel(x, channels, kh, kw, stride_h, stride_w, dil_h, dil_w, top, left, ho, wo, cols):
-    """x: float32 (N, C, H, W); channels: int64 (S,) -> cols: float32 (N, S*kh*kw, ho*wo); row (s*kh+i)*kw+j."""
-    n_images, _, h, w = x.shape
+    """x: float32 (C, H, W); channels: int64 (S,) -> cols: float32 (S*kh*kw, ho*wo); row (s*kh+i)*kw+j."""
+    _, h, w = x.shape
     n_sel = channels.shape[0]
-    for task in numba.prange(n_images * n_sel):
-        n = task // n_sel
-        s = task % n_sel
-        c = channels[s]
+    for s in numba.prange(n_sel):
+        plane = x[channels[s]]
         for i in range(kh):
             for j in range(kw):
-                row = (s * kh + i) * kw + j
+                row = cols[(s * kh + i) * kw + j]
+                offset = j * dil_w - left
+                ow_lo = max(0, (stride_w - 1 - offset) // stride_w)
+                ow_hi = max(ow_lo, min(wo, (w - 1 - offset) // stride_w + 1))
                 for oh in range(ho):
+                    dst = row[oh * wo:(oh + 1) * wo]
                     ih = oh * stride_h - top + i * dil_h
-                    base = oh * wo
                     if ih < 0 or ih >= h:
-                        for ow in range(wo):
-                            cols[n, row, base + ow] = 0.0
+                        dst[:] = 0.0
                         continue
-                    for ow in range(wo):
-                        iw = ow * stride_w - left + j * dil_w
-                        if 0 <= iw < w:
-                            cols[n, row, base + ow] = x[n, c, ih, iw]
-                        else:
-                            cols[n, row, base + ow] = 0.0
+                    src = plane[ih]
+                    dst[:ow_lo] = 0.0
+                    dst[ow_hi:] = 0.0
+                    if stride_w == 1:
+                        _copy_row(src[ow_lo + offset:ow_hi + offset], dst[ow_lo:ow_hi])
+                    else:
+                        for ow in range(ow_lo, ow_hi):
+                            dst[ow] = src[ow * stride_w + offset]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def _bias_activation_kernel(y, bias, has_bias, code, alpha, beta, lo, hi):
-    """y: float32 (N, K, P) in place: y = act(y + bias[k])."""
-    n_images, k, p = y.shape
-    for task in numba.prange(n_images * k):
-        n = task // k
-        c = task % k
-        b = bias[c] if has_bias else np.float32(0.0)
-        for i in range(p):
-            y[n, c, i] = _activate(y[n, c, i] + b, code, alpha, beta, lo, hi)
+def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
+           context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.im2col: one image x: float32 (C, H, W) -> out: float32 (S*kh*kw, Ho*Wo)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if channels is None:
+        channels = np.arange(x.shape[0], dtype=np.int64)
+    g = geom
+    _im2col_kernel(_threads(context), out.size, x, channels, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
+                   g.top, g.left, g.ho, g.wo, out)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def _depthwise_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h, dil_w, top, left,
-                      code, alpha, beta, lo, hi, out):
-    """x: float32 (N, C, H, W); filters: (C, kh, kw); bias: (C,); modes: int8 (N, C) -> out: (N, C, Ho, Wo)."""
+# --- gathers and epilogue --------------------------------------------------------------------------------
+
+
+@serial_and_parallel
+def _gather_weights_kernel(taps, rows, channels, out):
+    """taps: float32 (K, C, T); rows: int64 (R,); channels: int64 (S,) -> out: float32 (R, S*T)."""
+    n_taps = taps.shape[2]
+    n_sel = channels.shape[0]
+    for r in numba.prange(rows.shape[0]):
+        src = taps[rows[r]]
+        dst = out[r]
+        for s in range(n_sel):
+            _copy_row(src[channels[s]], dst[s * n_taps:(s + 1) * n_taps])
+
+
+def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,
+                   context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.gather_weights: out (R, S*T) = taps[rows][:, channels] flattened."""
+    k, c, _ = taps.shape
+    if channels is None:
+        np.take(taps.reshape(k, -1), rows, axis=0, out=out)  # whole rows: one memcpy each
+        return
+    if rows is None:
+        rows = np.arange(k, dtype=np.int64)
+    _gather_weights_kernel(_threads(context), out.size, taps, rows, channels, out)
+
+
+def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+                    context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.bias_activation: y: float32 (N, K, P), C-contiguous, in place."""
+    code, alpha, beta, lo, hi = activation_params(act)
+    if bias is None and code == 0:
+        return
+    n, k, p = y.shape
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(k, dtype=np.float32)
+    bias_activation_rows(_threads(context), y.size, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
+
+
+def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+                            y: np.ndarray, context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.scatter_bias_activation: y[rows] = act(values + bias[rows]), other rows 0."""
+    code, alpha, beta, lo, hi = activation_params(act)
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(y.shape[0], dtype=np.float32)
+    scatter_rows(_threads(context), y.size, values, rows, bias, has_bias, code, alpha, beta, lo, hi, y)
+
+
+# --- depthwise ------------------------------------------------------------------------------------------
+
+
+@jit
+def _multiply_add(acc, src, weight):
+    for t in range(acc.shape[0]):
+        acc[t] += src[t] * weight
+
+
+@serial_and_parallel
+def _depthwise_planes_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h, dil_w, top, left, phase_rows,
+                             pitch, code, alpha, beta, lo, hi, out):
+    """x: float32 (N, C, H, W); filters: (C, kh, kw); bias: (C,); modes: int8 (N, C) -> out: (N, C, Ho, Wo).
+
+    Per channel, the zero-padded plane is split by row into stride_h phase planes (padded row r goes to
+    phase r % stride_h, row r // stride_h), each ``phase_rows`` x ``pitch``, flat. The accumulator holds
+    output row oh at flat index oh*pitch and every padded column cc there (the output column ow is
+    cc = ow*stride_w); tap (i, j) reads its phase plane at that index + (i*dil_h // stride_h)*pitch +
+    j*dil_w: one unit-stride loop over the whole plane per tap. At stride_w > 1 the columns between
+    outputs are computed and dropped: stride_w times the arithmetic, but vectorised, where strided loads
+    are not (measured ~2x faster at stride 2).
+    """
     n_images, c_count, h, w = x.shape
     _, kh, kw = filters.shape
     _, _, ho, wo = out.shape
+    plane = phase_rows * pitch
+    length = ho * pitch
     for task in numba.prange(n_images * c_count):
         n = task // c_count
         c = task % c_count
@@ -124,71 +176,150 @@ def _depthwise_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h, dil_w,
             out[n, c, :, :] = 0.0
             continue
         if mode == MODE_BIAS:
-            out[n, c, :, :] = _activate(bias[c], code, alpha, beta, lo, hi)
+            out[n, c, :, :] = activate_value(bias[c], code, alpha, beta, lo, hi)
             continue
-        # Tap by tap over whole output rows: for tap (i, j) the output columns whose input column lies
-        # inside the image form one range [ow_lo, ow_hi), so the inner loop has no bounds test.
-        out[n, c, :, :] = 0.0
+        phases = np.zeros(stride_h * plane, dtype=np.float32)
+        for ih in range(h):
+            row = ih + top
+            start = (row % stride_h) * plane + (row // stride_h) * pitch + left
+            _copy_row(x[n, c, ih], phases[start:start + w])
+        acc = np.zeros(length, dtype=np.float32)
         for i in range(kh):
+            rr = i * dil_h
+            base = (rr % stride_h) * plane + (rr // stride_h) * pitch
             for j in range(kw):
-                weight = filters[c, i, j]
-                offset = j * dil_w - left
-                ow_lo = max(0, (-offset + stride_w - 1) // stride_w)
-                ow_hi = min(wo, (w - 1 - offset) // stride_w + 1)
-                for oh in range(ho):
+                offset = base + j * dil_w
+                _multiply_add(acc, phases[offset:offset + length], filters[c, i, j])
+        b = bias[c]
+        for oh in range(ho):
+            if stride_w == 1:
+                finish_row(acc[oh * pitch:oh * pitch + wo], out[n, c, oh], b, code, alpha, beta, lo, hi)
+            else:
+                dst = out[n, c, oh]
+                for ow in range(wo):
+                    dst[ow] = acc[oh * pitch + ow * stride_w]
+                finish_row(dst, dst, b, code, alpha, beta, lo, hi)
+
+
+#: Channels per block of the channels-last depthwise kernel: 4 AVX-512 registers of float32. A literal in
+#: the loops below (Numba compiles module constants in), so LLVM sees a fixed trip count and vectorises
+#: without remainder loops; a block with fewer channels is padded with zeros.
+CHANNEL_BLOCK = 64
+
+
+@jit_inline
+def _multiply_add_block(acc, src, weights):
+    for t in range(CHANNEL_BLOCK):
+        acc[t] += src[t] * weights[t]
+
+
+@serial_and_parallel
+def _depthwise_blocks_kernel(x, filters_t, bias, compute, stride_h, stride_w, dil_h, dil_w, top, left, kh, kw,
+                             code, alpha, beta, lo, hi, out):
+    """x: float32 (C, H, W), one image; filters_t: (kh*kw, C); bias: (C,); compute: int64 (S,) the channels
+    to compute -> out: float32 (C, Ho, Wo), written at those channels only.
+
+    Channels-last on blocks of CHANNEL_BLOCK computed channels: transpose the block's planes to (H*W, block),
+    accumulate every output pixel as block-long vector multiply-adds (one per tap: unit-stride over
+    channels, whatever the plane size or stride), then transpose back through the epilogue. For small
+    planes (14x14, 7x7), whose rows are too short for the planes kernel's loops to vectorise well.
+    """
+    _, h, w = x.shape
+    _, ho, wo = out.shape
+    n_sel = compute.shape[0]
+    n_blocks = (n_sel + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for blk in numba.prange(n_blocks):
+        s0 = blk * CHANNEL_BLOCK
+        cb = min(CHANNEL_BLOCK, n_sel - s0)
+        chans = compute[s0:s0 + cb]
+        xt = np.zeros((h * w, CHANNEL_BLOCK), dtype=np.float32)
+        ft = np.zeros((kh * kw, CHANNEL_BLOCK), dtype=np.float32)
+        acc = np.empty((ho * wo, CHANNEL_BLOCK), dtype=np.float32)
+        for p in range(h * w):
+            dst = xt[p]
+            ih = p // w
+            iw = p - ih * w
+            for s in range(cb):
+                dst[s] = x[chans[s], ih, iw]
+        for t in range(kh * kw):
+            for s in range(cb):
+                ft[t, s] = filters_t[t, chans[s]]
+        for oh in range(ho):
+            for ow in range(wo):
+                a = acc[oh * wo + ow]
+                for t in range(CHANNEL_BLOCK):
+                    a[t] = 0.0
+                for i in range(kh):
                     ih = oh * stride_h - top + i * dil_h
                     if ih < 0 or ih >= h:
                         continue
-                    for ow in range(ow_lo, ow_hi):
-                        out[n, c, oh, ow] += x[n, c, ih, ow * stride_w + offset] * weight
-        b = bias[c]
-        for oh in range(ho):
-            for ow in range(wo):
-                out[n, c, oh, ow] = _activate(out[n, c, oh, ow] + b, code, alpha, beta, lo, hi)
+                    for j in range(kw):
+                        iw = ow * stride_w - left + j * dil_w
+                        if iw < 0 or iw >= w:
+                            continue
+                        _multiply_add_block(a, xt[ih * w + iw], ft[i * kw + j])
+        for s in range(cb):
+            c = chans[s]
+            b = bias[c]
+            dst = out[c]
+            for oh in range(ho):
+                row = dst[oh]
+                for ow in range(wo):
+                    row[ow] = acc[oh * wo + ow, s]
+                finish_row(row, row, b, code, alpha, beta, lo, hi)
 
 
-def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry) -> np.ndarray:
-    """As numpy_backend.conv.im2col: x: float32 (N, C, H, W) -> float32 (N, C_sel*kh*kw, Ho*Wo)."""
-    if channels is None and geom.is_pointwise:
-        n, c, h, w = x.shape
-        return x.reshape(n, c, h * w)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if channels is None:
-        channels = np.arange(x.shape[1], dtype=np.int64)
-    channels = np.ascontiguousarray(channels, dtype=np.int64)
-    cols = np.empty((x.shape[0], channels.size * geom.kh * geom.kw, geom.pixels), dtype=np.float32)
-    _im2col_kernel(x, channels, geom.kh, geom.kw, geom.stride_h, geom.stride_w, geom.dil_h, geom.dil_w,
-                   geom.top, geom.left, geom.ho, geom.wo, cols)
-    return cols
+#: Output planes of at most this many pixels take the channels-last blocks kernel (measured on Zen 4:
+#: blocks win at 7x7 outputs, planes from 14x14 up).
+SMALL_PLANE = 64
 
 
-def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None) -> None:
-    """As numpy_backend.conv.bias_activation: y: float32 (N, K, P), C-contiguous, in place."""
-    code, alpha, beta, lo, hi = activation_params(act)
-    if bias is None and code == 0:
-        return
-    if not y.flags.c_contiguous:
-        raise ValueError("bias_activation needs a C-contiguous array")
-    has_bias = bias is not None
-    bias = np.ascontiguousarray(bias, dtype=np.float32) if has_bias else np.zeros(y.shape[1], dtype=np.float32)
-    _bias_activation_kernel(y, bias, has_bias, code, alpha, beta, lo, hi)
+def depthwise_path(geom: ConvGeometry) -> str:
+    """Which depthwise kernel serves ``geom``: ``blocks`` (channels-last, small output planes) or ``planes``."""
+    return "blocks" if geom.pixels <= SMALL_PLANE else "planes"
 
 
 def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
-              modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray) -> None:
-    """As numpy_backend.conv.depthwise, in one parallel pass over (image, channel) whatever the gating."""
+              modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
+              context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.depthwise: x: float32 (N, C, H, W) -> out: float32 (N, C, Ho, Wo)."""
+    g = geom
     n = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if modes is None:
-        modes = np.full((n, geom.c), MODE_COMPUTE, dtype=np.int8)
-    bias = np.zeros(geom.c, dtype=np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    bias = np.zeros(g.c, dtype=np.float32) if bias is None else bias
     code, alpha, beta, lo, hi = activation_params(act)
-    _depthwise_kernel(x, np.ascontiguousarray(filters, dtype=np.float32), bias,
-                      np.ascontiguousarray(modes, dtype=np.int8), geom.stride_h, geom.stride_w, geom.dil_h,
-                      geom.dil_w, geom.top, geom.left, code, alpha, beta, lo, hi, out)
+    threads = _threads(context)
+    if depthwise_path(g) == "blocks":
+        filters_t = np.ascontiguousarray(filters.reshape(g.c, -1).T)
+        for i in range(n):
+            if modes is None:
+                compute = np.arange(g.c, dtype=np.int64)
+            else:
+                compute = np.flatnonzero(modes[i] == MODE_COMPUTE).astype(np.int64)
+                out[i, modes[i] == MODE_ZERO] = 0.0
+                constant = np.flatnonzero(modes[i] == MODE_BIAS)
+                if constant.size:
+                    values = bias[constant].copy()
+                    apply_activation(values, act)
+                    out[i, constant] = values[:, None, None]
+            _depthwise_blocks_kernel(threads, compute.size * g.pixels * g.kh * g.kw, x[i], filters_t, bias, compute,
+                                     g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.top, g.left, g.kh, g.kw, code,
+                                     alpha, beta, lo, hi, out[i])
+        return
+    if modes is None:
+        modes = np.full((n, g.c), MODE_COMPUTE, dtype=np.int8)
+    sh, sw = g.stride_h, g.stride_w
+    # Phase planes hold every padded row/column an input lands in and every one a tap reads, + 1 row of
+    # slack: the accumulator loop runs past the last output row's last column.
+    pitch = max(g.left + g.w, (g.wo - 1) * sw + (g.kw - 1) * g.dil_w + 1)
+    phase_rows = max(-(-(g.top + g.h) // sh), g.ho + (g.kh - 1) * g.dil_h // sh) + 1
+    _depthwise_planes_kernel(threads, out.size * g.kh * g.kw, x, filters, bias, modes, sh, sw, g.dil_h, g.dil_w, g.top,
+                             g.left, phase_rows, pitch, code, alpha, beta, lo, hi, out)
 
 
-NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation)
+NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
+                                      scatter_bias_activation=scatter_bias_activation,
+                                      gather_weights=gather_weights)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

@@ -2,13 +2,17 @@
 
 The factory packs the weight once into one GEMM matrix per group, ``(groups, K/groups, C/groups*kh*kw)``,
 whose columns follow the im2col row order (channel, tap row, tap column). :class:`ConvKernel` holds the
-orchestration shared with the numba backend (dense vs gated, which rows and columns of the GEMM to use);
-the arithmetic lives in three microkernels (:class:`ConvMicrokernels`) that a backend may replace.
+orchestration shared with the numba backend (dense vs gated, which rows and columns of the GEMM to use,
+one BLAS call per image); the arithmetic around the GEMM lives in microkernels (:class:`ConvMicrokernels`)
+that a backend may replace. Per image, im2col columns, gathered weights and the gated GEMM's result are
+written into the plan's per-thread scratch memory (:class:`~parsicore.kernels.base.KernelContext`), so a
+run allocates no large buffer after its thread's first call.
 
 Gating (see :mod:`parsicore.kernels.base`): with ``active_out`` only the listed output channels are
-computed (those rows of the packed weight) and the others written as 0; with ``active_in`` the input
-channels not listed are all zero, so their im2col rows and weight columns are skipped. A depthwise output
-channel whose input channel is inactive is ``act(bias)`` everywhere and is filled without computing.
+computed (a GEMM on those rows of the packed weight, gathered) and the others written as 0; with
+``active_in`` the input channels not listed are all zero, so their im2col rows and weight columns are
+skipped (gathered GEMM on active rows and columns). A depthwise output channel whose input channel is
+inactive is ``act(bias)`` everywhere and is filled without computing.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parsicore.kernels.base import Activation, KernelSpec, apply_activation
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
 
 #: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
 MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
@@ -104,32 +108,63 @@ def pad_images(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     return padded
 
 
-def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry) -> np.ndarray:
-    """x: float32 (N, C, H, W); channels: int64 (C_sel,) or None (all) -> float32 (N, C_sel*kh*kw, Ho*Wo).
-
-    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel ``channels[c]`` at every output position.
-    """
-    if channels is not None:
-        x = x[:, channels]
-    n, c, h, w = x.shape
-    if geom.is_pointwise:
-        return x.reshape(n, c, h * w)
-    padded = pad_images(x, geom)
-    extent_h = geom.dil_h * (geom.kh - 1) + 1
-    extent_w = geom.dil_w * (geom.kw - 1) + 1
-    # (N, C, positions_h, positions_w, extent_h, extent_w), then keep strided positions and dilated taps.
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (extent_h, extent_w), axis=(2, 3))
-    windows = windows[:, :, ::geom.stride_h, ::geom.stride_w, ::geom.dil_h, ::geom.dil_w][:, :, :geom.ho, :geom.wo]
-    cols = np.empty((n, c, geom.kh, geom.kw, geom.ho, geom.wo), dtype=np.float32)
-    np.copyto(cols, windows.transpose(0, 1, 4, 5, 2, 3))
-    return cols.reshape(n, c * geom.kh * geom.kw, geom.pixels)
+def valid_range(out_size: int, in_size: int, stride: int, offset: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose input position ``o*stride + offset`` lies in [0, in_size) (lo == hi: none)."""
+    lo = max(0, (stride - 1 - offset) // stride)
+    hi = min(out_size, (in_size - 1 - offset) // stride + 1)
+    return lo, max(lo, hi)
 
 
-def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None) -> None:
+def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
+           context: KernelContext | None = None) -> None:
+    """One image. x: float32 (C, H, W), any strides; channels: int64 (S,) or None (all) -> out: float32
+    (S*kh*kw, Ho*Wo), C-contiguous, overwritten. Row ``(s*kh + i)*kw + j`` holds tap (i, j) of channel
+    ``channels[s]`` at every output position (0 where the tap falls on padding)."""
+    g = geom
+    s = x.shape[0] if channels is None else channels.shape[0]
+    cols = out.reshape(s, g.kh, g.kw, g.ho, g.wo)
+    for i in range(g.kh):
+        oh0, oh1 = valid_range(g.ho, g.h, g.stride_h, i * g.dil_h - g.top)
+        for j in range(g.kw):
+            ow0, ow1 = valid_range(g.wo, g.w, g.stride_w, j * g.dil_w - g.left)
+            tap = cols[:, i, j]
+            if (oh0, oh1, ow0, ow1) != (0, g.ho, 0, g.wo):
+                tap.fill(0.0)
+            if oh0 >= oh1 or ow0 >= ow1:
+                continue
+            ih0 = oh0 * g.stride_h + i * g.dil_h - g.top
+            iw0 = ow0 * g.stride_w + j * g.dil_w - g.left
+            rows = slice(ih0, ih0 + (oh1 - oh0 - 1) * g.stride_h + 1, g.stride_h)
+            columns = slice(iw0, iw0 + (ow1 - ow0 - 1) * g.stride_w + 1, g.stride_w)
+            window = x[:, rows, columns] if channels is None else x[channels, rows, columns]
+            tap[:, oh0:oh1, ow0:ow1] = window
+
+
+def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+                    context: KernelContext | None = None) -> None:
     """y: float32 (N, K, P) in place: add bias (K,) per channel, then the activation."""
     if bias is not None:
         np.add(y, bias[None, :, None], out=y)
     apply_activation(y, act)
+
+
+def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+                            y: np.ndarray, context: KernelContext | None = None) -> None:
+    """values: float32 (R, P), the GEMM on output rows ``rows`` (int64 (R,), sorted) -> y: float32 (K, P),
+    C-contiguous: y[rows] = act(values + bias[rows]), every other row 0. values may be modified."""
+    bias_activation(values[None], None if bias is None else bias[rows], act)
+    y.fill(0.0)
+    y[rows] = values
+
+
+def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,
+                   context: KernelContext | None = None) -> None:
+    """taps: float32 (K, C, T); rows: int64 (R,) or None; channels: int64 (S,) or None -> out: float32
+    (R, S*T), C-contiguous: the packed GEMM weight restricted to those rows and input channels."""
+    r = taps.shape[0] if rows is None else rows.shape[0]
+    s = taps.shape[1] if channels is None else channels.shape[0]
+    picked = taps if rows is None else taps[rows]
+    out.reshape(r, s, taps.shape[2])[...] = picked if channels is None else picked[:, channels]
 
 
 def _depthwise_taps(x: np.ndarray, filters: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
@@ -151,7 +186,8 @@ def _depthwise_taps(x: np.ndarray, filters: np.ndarray, geom: ConvGeometry, out:
 
 
 def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
-              modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray) -> None:
+              modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
+              context: KernelContext | None = None) -> None:
     """Depthwise conv with its epilogue. x: float32 (N, C, H, W); filters: (C, kh, kw); bias: (C,) or None;
     modes: int8 (N, C) of MODE_* or None (compute all) -> out: float32 (N, C, Ho, Wo), written completely."""
     n = x.shape[0]
@@ -176,14 +212,19 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
 
 @dataclass(frozen=True)
 class ConvMicrokernels:
-    """The arithmetic a backend supplies; signatures as :func:`im2col`, :func:`depthwise`, :func:`bias_activation`."""
+    """The arithmetic a backend supplies; signatures as the NumPy functions of the same names. Each takes
+    the kernel's context last (scratch memory, thread budget)."""
 
-    im2col: Callable[[np.ndarray, np.ndarray | None, ConvGeometry], np.ndarray]
+    im2col: Callable[..., None]
     depthwise: Callable[..., None]
-    bias_activation: Callable[[np.ndarray, np.ndarray | None, Activation | None], None]
+    bias_activation: Callable[..., None]
+    scatter_bias_activation: Callable[..., None]
+    gather_weights: Callable[..., None]
 
 
-NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation)
+NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
+                                      scatter_bias_activation=scatter_bias_activation,
+                                      gather_weights=gather_weights)
 
 
 # --- Orchestration ------------------------------------------------------------------------------------
@@ -217,14 +258,17 @@ class ConvKernel:
         self.geom = geom
         self.path = conv_path(geom)
         self.micro = micro
+        self.context = spec.kernel_context()
         self.activation = spec.activation
         # One GEMM matrix per group: rows are output channels, columns follow im2col's row order.
         self.packed = np.ascontiguousarray(weight.reshape(geom.groups, geom.kg, geom.cg * geom.kh * geom.kw))
+        self.packed_2d = self.packed.reshape(geom.k, geom.cg * geom.kh * geom.kw)
         # The same numbers as (K, C/groups, kh*kw): gated paths gather rows and whole-channel column blocks.
         self.taps = self.packed.reshape(geom.k, geom.cg, geom.kh * geom.kw)
         self.filters = self.packed.reshape(geom.c, geom.kh, geom.kw) if geom.is_depthwise else None
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
+        self.in_shape = (geom.c, geom.h, geom.w)
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
@@ -232,7 +276,7 @@ class ConvKernel:
         x, y = inputs[0], outputs[0]
         g = self.geom
         n = x.shape[0]
-        if x.shape[1:] != (g.c, g.h, g.w):
+        if x.shape[1:] != self.in_shape:
             raise ValueError(f"Conv input has shape {x.shape}, expected (N, {g.c}, {g.h}, {g.w})")
         if y.shape != (n, g.k, g.ho, g.wo) or not y.flags.c_contiguous:
             raise ValueError(f"Conv output must be C-contiguous {(n, g.k, g.ho, g.wo)}, got {y.shape}")
@@ -240,30 +284,84 @@ class ConvKernel:
         chans = _index_lists(active_in, n, g.c, "active_in")
         if self.path == "depthwise":
             modes = None if rows is None and chans is None else self._depthwise_modes(n, rows, chans)
-            self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y)
+            self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y, self.context)
         elif rows is None and chans is None:
             self._dense(x, y)
+        elif g.groups == 1:
+            for i in range(n):
+                self._gated_image(x[i], y[i].reshape(g.k, g.pixels), None if rows is None else rows[i],
+                                  None if chans is None else chans[i])
         else:
             for i in range(n):
-                self._gated_image(x[i:i + 1], y[i], None if rows is None else rows[i],
-                                  None if chans is None else chans[i])
+                self._gated_grouped_image(x[i:i + 1], y[i], None if rows is None else rows[i],
+                                          None if chans is None else chans[i])
 
     def _dense(self, x: np.ndarray, y: np.ndarray) -> None:
         g = self.geom
         n = x.shape[0]
-        cols = self.micro.im2col(x, None, g).reshape(n, g.groups, -1, g.pixels)
         out = y.reshape(n, g.groups, g.kg, g.pixels)
+        cols = None
+        if not g.is_pointwise:
+            (flat,) = self.context.scratch(g.c * g.kh * g.kw * g.pixels)
+            cols = flat.reshape(g.groups, g.cg * g.kh * g.kw, g.pixels)
         # One BLAS call per image (per group): np.matmul with out= and a broadcast batch dimension falls off
         # BLAS onto a slow loop (~400x slower), so the batch is never broadcast.
         for i in range(n):
-            if g.groups == 1:
-                np.matmul(self.packed[0], cols[i, 0], out=out[i, 0])
+            if cols is None:
+                b = x[i].reshape(g.groups, g.cg, g.pixels)
             else:
-                np.matmul(self.packed, cols[i], out=out[i])
-        self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation)
+                self.micro.im2col(x[i], None, g, cols.reshape(-1, g.pixels), self.context)
+                b = cols
+            for group in range(g.groups):
+                np.matmul(self.packed[group], b[group], out=out[i, group])
+        self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation, self.context)
 
     def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None) -> None:
-        """x: (1, C, H, W); y: (K, Ho, Wo); rows/chans: sorted active output/input channels (None = all)."""
+        """groups == 1, one image. x: (C, H, W); y: (K, Ho*Wo) C-contiguous; rows/chans: sorted active output/input
+        channels (None = all): the GEMM on the active rows and columns of the packed weight (gathered)."""
+        g = self.geom
+        taps = g.kh * g.kw
+        if chans is not None and chans.size == g.c:
+            chans = None
+        if rows is not None and rows.size == g.k:
+            rows = None
+        n_rows = g.k if rows is None else rows.size
+        n_cols = (g.c if chans is None else chans.size) * taps
+        if n_rows == 0:
+            y.fill(0.0)
+            return
+        gather_w = rows is not None or chans is not None
+        build_cols = not g.is_pointwise or chans is not None
+        w_buf, col_buf, val_buf = self.context.scratch(n_rows * n_cols if gather_w else 0,
+                                                       n_cols * g.pixels if build_cols else 0,
+                                                       n_rows * g.pixels if rows is not None else 0)
+        values = y if rows is None else val_buf.reshape(n_rows, g.pixels)
+        if n_cols == 0:
+            values.fill(0.0)  # every input channel is off: the conv is its bias
+        else:
+            if gather_w:
+                weight = w_buf.reshape(n_rows, n_cols)
+                self.micro.gather_weights(self.taps, rows, chans, weight, self.context)
+            else:
+                weight = self.packed_2d
+            if not build_cols:
+                b = x.reshape(g.c, g.pixels)
+            elif g.is_pointwise:
+                b = col_buf.reshape(n_cols, g.pixels)
+                np.take(x.reshape(g.c, g.pixels), chans, axis=0, out=b)
+            else:
+                b = col_buf.reshape(n_cols, g.pixels)
+                self.micro.im2col(x, chans, g, b, self.context)
+            np.matmul(weight, b, out=values)
+        if rows is None:
+            self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
+        else:
+            self.micro.scatter_bias_activation(values, rows, self.bias, self.activation, y, self.context)
+
+    def _gated_grouped_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
+                             chans: np.ndarray | None) -> None:
+        """groups > 1 (not depthwise), one image. x: (1, C, H, W); y: (K, Ho, Wo); per group, the active rows and
+        columns of that group's GEMM. Rare in practice: plain NumPy, small temporaries."""
         g = self.geom
         out = y.reshape(g.k, g.pixels)
         out.fill(0.0)
@@ -272,18 +370,14 @@ class ConvKernel:
             rows_g = np.arange(k0, k0 + g.kg) if rows is None else _within(rows, k0, k0 + g.kg)
             if rows_g.size == 0:
                 continue
-            all_chans = chans is None or (g.groups == 1 and chans.size == g.c)
             chans_g = np.arange(c0, c0 + g.cg) if chans is None else _within(chans, c0, c0 + g.cg)
             values = np.zeros((1, rows_g.size, g.pixels), dtype=np.float32)
             if chans_g.size:
-                if all_chans:
-                    weight = self.packed[group] if rows is None else self.packed[group][rows_g - k0]
-                    cols = self.micro.im2col(x, None if g.groups == 1 else chans_g, g)[0]
-                else:
-                    weight = self.taps[np.ix_(rows_g, chans_g - c0)].reshape(rows_g.size, -1)
-                    cols = self.micro.im2col(x, chans_g, g)[0]
+                weight = self.taps[np.ix_(rows_g, chans_g - c0)].reshape(rows_g.size, -1)
+                cols = np.empty((chans_g.size * g.kh * g.kw, g.pixels), dtype=np.float32)
+                im2col(x[0], chans_g, g, cols)
                 np.matmul(weight, cols, out=values[0])
-            self.micro.bias_activation(values, None if self.bias is None else self.bias[rows_g], self.activation)
+            bias_activation(values, None if self.bias is None else self.bias[rows_g], self.activation)
             out[rows_g] = values[0]
 
     def _depthwise_modes(self, n: int, rows: list[np.ndarray] | None, chans: list[np.ndarray] | None) -> np.ndarray:

@@ -1,0 +1,122 @@
+"""The fused epilogue in Numba: bias + activation, in place, or scattered into the active output rows.
+
+Each activation has its own loop (the branch on the activation is outside the element loop), so LLVM
+vectorises every one of them; the definitions are those of :func:`parsicore.kernels.base.apply_activation`
+in float32 (NaN passes through ReLU, clip and leaky ReLU as with NumPy's maximum/clip).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from parsicore.kernels.base import ACTIVATION_KINDS, Activation
+from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
+
+# Activation codes the kernels branch on: 0 = none, then ACTIVATION_KINDS in order (immutable ints, which
+# Numba compiles in as constants).
+RELU, CLIP, LEAKY_RELU, SIGMOID, TANH, HARD_SIGMOID, HARD_SWISH, SILU = (
+    ACTIVATION_KINDS.index(kind) + 1
+    for kind in ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "hard_sigmoid", "hard_swish", "silu")
+)
+
+ActivationParams = tuple[int, np.float32, np.float32, np.float32, np.float32]
+
+
+def activation_params(act: Activation | None) -> ActivationParams:
+    """(code, alpha, beta, lo, hi) for the kernels, parameters as float32 so no loop widens to float64."""
+    f32 = np.float32
+    if act is None:
+        return 0, f32(0.0), f32(0.0), f32(0.0), f32(0.0)
+    if act.kind not in ACTIVATION_KINDS:
+        raise ValueError(f"unknown activation {act.kind!r}")
+    return ACTIVATION_KINDS.index(act.kind) + 1, f32(act.alpha), f32(act.beta), f32(act.lo), f32(act.hi)
+
+
+@jit
+def sigmoid_value(v):
+    """float32 sigmoid as apply_activation: exp of -|v| never overflows."""
+    e = np.exp(-abs(v))
+    one = np.float32(1.0)
+    return one / (one + e) if v >= 0 else e / (one + e)
+
+
+@jit
+def activate_value(v, code, alpha, beta, lo, hi):
+    """One float32 value through activation ``code`` (for kernels that finish one value at a time)."""
+    if code == RELU:
+        return np.float32(0.0) if v < 0 else v
+    if code == CLIP:
+        return lo if v < lo else (hi if v > hi else v)
+    if code == LEAKY_RELU:
+        return v * alpha if v < 0 else v
+    if code == SIGMOID:
+        return sigmoid_value(v)
+    if code == TANH:
+        return np.tanh(v)
+    if code == HARD_SIGMOID:
+        t = v * alpha + beta
+        return np.float32(0.0) if t < 0 else (np.float32(1.0) if t > 1 else t)
+    if code == HARD_SWISH:
+        t = v + np.float32(3.0)
+        t = np.float32(0.0) if t < 0 else (np.float32(6.0) if t > 6 else t)
+        return v * (t / np.float32(6.0))
+    if code == SILU:
+        return v * sigmoid_value(v)
+    return v
+
+
+@jit_inline
+def finish_row(src, dst, b, code, alpha, beta, lo, hi):
+    """dst[i] = act(src[i] + b) for one row (float32 1-D, same length; src may be dst)."""
+    n = dst.shape[0]
+    if code == 0:
+        for i in range(n):
+            dst[i] = src[i] + b
+    elif code == RELU:
+        for i in range(n):
+            v = src[i] + b
+            dst[i] = np.float32(0.0) if v < 0 else v
+    elif code == CLIP:
+        for i in range(n):
+            v = src[i] + b
+            dst[i] = lo if v < lo else (hi if v > hi else v)
+    elif code == LEAKY_RELU:
+        for i in range(n):
+            v = src[i] + b
+            dst[i] = v * alpha if v < 0 else v
+    elif code == HARD_SWISH:
+        for i in range(n):
+            v = src[i] + b
+            t = v + np.float32(3.0)
+            t = np.float32(0.0) if t < 0 else (np.float32(6.0) if t > 6 else t)
+            dst[i] = v * (t / np.float32(6.0))
+    else:
+        for i in range(n):
+            dst[i] = activate_value(src[i] + b, code, alpha, beta, lo, hi)
+
+
+@serial_and_parallel
+def bias_activation_rows(y, bias, has_bias, code, alpha, beta, lo, hi):
+    """y: float32 (R, P) in place: y[r] = act(y[r] + bias[r % len(bias)]) (bias repeats per image)."""
+    rows = y.shape[0]
+    k = bias.shape[0]
+    for r in numba.prange(rows):
+        b = bias[r % k] if has_bias else np.float32(0.0)
+        finish_row(y[r], y[r], b, code, alpha, beta, lo, hi)
+
+
+@serial_and_parallel
+def scatter_rows(values, rows, bias, has_bias, code, alpha, beta, lo, hi, y):
+    """values: float32 (R, P); rows: int64 (R,) sorted -> y: float32 (K, P): y[rows[r]] = act(values[r] +
+    bias[rows[r]]), every other row of y 0."""
+    k = y.shape[0]
+    n_rows = rows.shape[0]
+    for out_row in numba.prange(k):
+        r = np.searchsorted(rows, out_row)
+        dst = y[out_row]
+        if r < n_rows and rows[r] == out_row:
+            b = bias[out_row] if has_bias else np.float32(0.0)
+            finish_row(values[r], dst, b, code, alpha, beta, lo, hi)
+        else:
+            dst[:] = 0.0

@@ -1,0 +1,72 @@
+"""Serial and parallel builds of one Numba kernel, and the choice between them at each call.
+
+Every parallel kernel is compiled twice from the same Python source: with ``parallel=True`` (``prange``
+splits the loop over Numba's thread pool) and without (``prange`` is a plain ``range``). A call takes the
+parallel build only when all of these hold:
+
+- the run may use more than one thread (``KernelContext.threads`` is not 1: a single-threaded run never
+  wakes, or even starts, the pool);
+- the call has enough work to pay for waking the pool (``work``, in elements touched, at least
+  :data:`MIN_PARALLEL_WORK`; below that the hand-off costs more than it saves);
+- no other Python thread is inside a parallel kernel right now. Numba's ``workqueue`` threading layer
+  (the only one when neither TBB nor OpenMP is installed) aborts the process on concurrent parallel calls,
+  and with the others concurrent callers would only oversubscribe the cores; so :data:`PARALLEL_GATE` is
+  tried without waiting, and a caller that finds it taken runs the serial build.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numba
+
+#: Below this many elements of work a kernel runs serially even when threads are allowed.
+MIN_PARALLEL_WORK = 1 << 16
+
+#: Held while a parallel build runs. Module-level on purpose: Numba's thread pool is one per process.
+PARALLEL_GATE = threading.Lock()
+
+_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+
+
+class KernelPair:
+    """The serial and parallel builds of one kernel; ``pair(threads, work, *args)`` picks one and calls it."""
+
+    def __init__(self, py_func: Callable[..., Any]) -> None:
+        # Numba's on-disk cache keys a function by its qualified name, not by its compile flags: the serial
+        # build is a copy of the function under another name so the two never load each other's code.
+        serial_func = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial",
+                                         py_func.__defaults__, py_func.__closure__)
+        serial_func.__qualname__ = py_func.__qualname__ + "_serial"
+        serial_func.__doc__ = py_func.__doc__
+        self.serial = numba.njit(**_OPTIONS)(serial_func)
+        self.parallel = numba.njit(parallel=True, **_OPTIONS)(py_func)
+        self.__doc__ = py_func.__doc__
+
+    def __call__(self, threads: int | None, work: int, *args: Any) -> Any:
+        if threads != 1 and work >= MIN_PARALLEL_WORK and PARALLEL_GATE.acquire(blocking=False):
+            try:
+                return self.parallel(*args)
+            finally:
+                PARALLEL_GATE.release()
+        return self.serial(*args)
+
+
+def serial_and_parallel(py_func: Callable[..., Any]) -> KernelPair:
+    """Decorator: compile ``py_func`` (which uses ``numba.prange`` for its one parallel loop) both ways."""
+    return KernelPair(py_func)
+
+
+def jit(py_func: Callable[..., Any]) -> Any:
+    """Decorator for serial helpers and kernels: Numba's njit with parsicore's options (cached on disk)."""
+    return numba.njit(**_OPTIONS)(py_func)
+
+
+def jit_inline(py_func: Callable[..., Any]) -> Any:
+    """Decorator for small loop helpers inlined into their callers at Numba's level. Needed when a caller
+    passes the same array twice (in-place): out of line, LLVM's run-time alias check fails and the loop
+    runs unvectorised (~4x slower); inlined, the caller's code shows the two are one array."""
+    return numba.njit(inline="always", **_OPTIONS)(py_func)
