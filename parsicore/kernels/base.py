@@ -112,6 +112,7 @@ class KernelContext(threading.local):
     def __init__(self) -> None:
         self.threads: int | None = None
         self._scratch = np.empty(0, dtype=np.float32)
+        self._aligned_start = 0
 
     def scratch(self, *sizes: int) -> list[np.ndarray]:
         """Flat float32 arrays of ``sizes`` elements, carved from this thread's scratch buffer (grown, never
@@ -122,8 +123,9 @@ class KernelContext(threading.local):
         buf = self._scratch
         if buf.size < total:
             buf = self._scratch = np.empty(total, dtype=np.float32)
-        # Start on an aligned element: NumPy aligns large buffers to 16 bytes only.
-        start = (-(buf.ctypes.data // 4)) % _ALIGN_FLOATS
+            # Start on an aligned element: NumPy aligns large buffers to 16 bytes only.
+            self._aligned_start = (-(buf.ctypes.data // 4)) % _ALIGN_FLOATS
+        start = self._aligned_start
         out = []
         for size, span in zip(sizes, spans):
             out.append(buf[start:start + int(size)])

@@ -179,3 +179,21 @@ def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_0
     bias = seeded_array(seed + 2, (c,)) if draw(st.booleans()) else None
     attrs = ConvAttrs(stride=stride, pads=pads, dilation=dilation, groups=c)  # type: ignore[arg-type]
     return ConvCase(attrs, x, weight, bias, draw(activations()), out_shape)
+
+
+@st.composite
+def winograd_cases(draw: st.DrawFn) -> ConvCase:
+    """A 3x3 stride-1 Conv large enough for the Winograd path: 16..24 channels each way, outputs 7..16 per side
+    (odd sizes crop the last tile), any pads 0..2."""
+    n = draw(st.integers(1, 2))
+    c, k = draw(st.integers(16, 24)), draw(st.integers(16, 24))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(9, 16)) - pads[0] - pads[2]
+    w = draw(st.integers(9, 16)) - pads[1] - pads[3]
+    out_shape = (k, h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2)
+    seed = draw(st.integers(0, 2**32 - 1))
+    x = maybe_non_contiguous(seeded_array(seed, (n, c, h, w)), draw(st.booleans()))
+    weight = seeded_array(seed + 1, (k, c, 3, 3), scale=1.0 / math.sqrt(9 * c))
+    bias = seeded_array(seed + 2, (k,)) if draw(st.booleans()) else None
+    attrs = ConvAttrs(pads=pads, kernel=draw(st.sampled_from((None, (3, 3)))))  # type: ignore[arg-type]
+    return ConvCase(attrs, x, weight, bias, draw(activations()), out_shape)

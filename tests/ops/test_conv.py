@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from parsicore.kernels import factories
@@ -13,7 +13,14 @@ from parsicore.kernels.base import ACTIVATION_KINDS, KernelSpec, apply_activatio
 from parsicore.kernels.numpy_backend.conv import ConvGeometry, conv_path
 from parsicore.ops.base import parse_attrs
 from parsicore.ops.conv import ConvAttrs, ConvOp
-from tests.ops._strategies_conv import ConvCase, activation_of_kind, channel_lists, conv_cases, depthwise_cases
+from tests.ops._strategies_conv import (
+    ConvCase,
+    activation_of_kind,
+    channel_lists,
+    conv_cases,
+    depthwise_cases,
+    winograd_cases,
+)
 from tests.strategies import backends, seeded_array
 
 CONV = ConvOp()
@@ -133,7 +140,7 @@ def test_reference_matches_torch(path: str, data: st.DataObject) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=conv_cases("im2col_gemm"))
 def test_conv_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:
-    assert path_of(case) == "im2col_gemm"
+    assume(path_of(case) == "im2col_gemm")  # large enough 3x3 stride-1 cases take winograd_3x3
     want, scale = expected(case)
     assert_close(run_kernel(backend, case), want, scale)
 
@@ -152,6 +159,22 @@ def test_conv_depthwise_matches_reference(backend: str, case: ConvCase) -> None:
     assert path_of(case) == "depthwise"
     want, scale = expected(case)
     assert_close(run_kernel(backend, case), want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_winograd_3x3_matches_reference(backend: str, data: st.DataObject) -> None:
+    """Winograd F(2x2, 3x3), dense and gated (gathered transformed weights, active input channels
+    transformed, active output rows transformed back), against the direct reference."""
+    case = data.draw(winograd_cases())
+    assert path_of(case) == "winograd_3x3"
+    n = case.x.shape[0]
+    gating = data.draw(st.sampled_from(["dense", "rows", "columns", "both"]))
+    active_out = data.draw(channel_lists(case.out_shape[0], n)) if gating in ("rows", "both") else None
+    active_in = data.draw(channel_lists(case.in_shape[0], n)) if gating in ("columns", "both") else None
+    x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
 
 
 @pytest.mark.parametrize("path", ["planes", "blocks"])

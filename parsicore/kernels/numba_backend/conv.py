@@ -22,12 +22,15 @@ import numba
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.numba_backend import winograd
 from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
+    all_indices,
     bias_activation_rows,
     finish_row,
     scatter_rows,
+    zeros,
 )
 from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.conv import (
@@ -87,7 +90,7 @@ def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry, out: 
     """As numpy_backend.conv.im2col: one image x: float32 (C, H, W) -> out: float32 (S*kh*kw, Ho*Wo)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if channels is None:
-        channels = np.arange(x.shape[0], dtype=np.int64)
+        channels = all_indices(x.shape[0])
     g = geom
     _im2col_kernel(_threads(context), out.size, x, channels, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                    g.top, g.left, g.ho, g.wo, out)
@@ -116,7 +119,7 @@ def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarr
         np.take(taps.reshape(k, -1), rows, axis=0, out=out)  # whole rows: one memcpy each
         return
     if rows is None:
-        rows = np.arange(k, dtype=np.int64)
+        rows = all_indices(k)
     _gather_weights_kernel(_threads(context), out.size, taps, rows, channels, out)
 
 
@@ -128,7 +131,7 @@ def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | No
         return
     n, k, p = y.shape
     has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(k, dtype=np.float32)
+    bias = bias if has_bias else zeros(k)
     bias_activation_rows(_threads(context), y.size, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
 
 
@@ -137,7 +140,7 @@ def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarr
     """As numpy_backend.conv.scatter_bias_activation: y[rows] = act(values + bias[rows]), other rows 0."""
     code, alpha, beta, lo, hi = activation_params(act)
     has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(y.shape[0], dtype=np.float32)
+    bias = bias if has_bias else zeros(y.shape[0])
     scatter_rows(_threads(context), y.size, values, rows, bias, has_bias, code, alpha, beta, lo, hi, y)
 
 
@@ -286,14 +289,14 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     g = geom
     n = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bias = np.zeros(g.c, dtype=np.float32) if bias is None else bias
+    bias = zeros(g.c) if bias is None else bias
     code, alpha, beta, lo, hi = activation_params(act)
     threads = _threads(context)
     if depthwise_path(g) == "blocks":
         filters_t = np.ascontiguousarray(filters.reshape(g.c, -1).T)
         for i in range(n):
             if modes is None:
-                compute = np.arange(g.c, dtype=np.int64)
+                compute = all_indices(g.c)
             else:
                 compute = np.flatnonzero(modes[i] == MODE_COMPUTE).astype(np.int64)
                 out[i, modes[i] == MODE_ZERO] = 0.0
@@ -319,7 +322,9 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
 
 NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
                                       scatter_bias_activation=scatter_bias_activation,
-                                      gather_weights=gather_weights)
+                                      gather_weights=gather_weights, winograd_input=winograd.input_transform,
+                                      winograd_output=winograd.output_transform,
+                                      winograd_gather=winograd.gather_transformed)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

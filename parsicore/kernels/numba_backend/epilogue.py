@@ -7,6 +7,8 @@ in float32 (NaN passes through ReLU, clip and leaky ReLU as with NumPy's maximum
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -23,8 +25,23 @@ RELU, CLIP, LEAKY_RELU, SIGMOID, TANH, HARD_SIGMOID, HARD_SWISH, SILU = (
 ActivationParams = tuple[int, np.float32, np.float32, np.float32, np.float32]
 
 
+@functools.lru_cache(maxsize=256)
+def all_indices(n: int) -> np.ndarray:
+    """int64 0..n-1, the "every channel" list passed to kernels on every call (cached and shared, so never
+    modified by anyone; not flagged read-only, which would make Numba compile a second specialisation)."""
+    return np.arange(n, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def zeros(n: int) -> np.ndarray:
+    """float32 zeros (n,), the bias of a bias-less kernel (cached and shared like all_indices)."""
+    return np.zeros(n, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=256)
 def activation_params(act: Activation | None) -> ActivationParams:
-    """(code, alpha, beta, lo, hi) for the kernels, parameters as float32 so no loop widens to float64."""
+    """(code, alpha, beta, lo, hi) for the kernels, parameters as float32 so no loop widens to float64.
+    Cached: called on every kernel call with the kernel's (frozen, hashable) Activation."""
     f32 = np.float32
     if act is None:
         return 0, f32(0.0), f32(0.0), f32(0.0), f32(0.0)

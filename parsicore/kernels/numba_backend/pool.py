@@ -62,7 +62,17 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
             combined[:] = x[n, c, h0]
             for ih in range(h0 + 1, h1):
                 _max_rows(combined, x[n, c, ih])
-            for ow in range(wo):
+            if kw == 2 and stride_w == 2 and left == 0:
+                # The common 2x2/2 pool: pairs of columns, no clipping except a last lone column.
+                pairs = min(wo, w // 2)
+                first = combined[0:2 * pairs:2]
+                second = combined[1:2 * pairs:2]
+                for ow in range(pairs):
+                    dst[ow] = _max_with_nan(first[ow], second[ow])
+                start = pairs
+            else:
+                start = 0
+            for ow in range(start, wo):
                 w0 = ow * stride_w - left
                 w1 = min(w0 + kw, w)
                 w0 = max(w0, 0)

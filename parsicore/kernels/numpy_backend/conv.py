@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.numpy_backend import winograd
 
 #: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
 MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
@@ -87,11 +88,14 @@ class ConvGeometry:
 
 
 def conv_path(geom: ConvGeometry) -> str:
-    """The kernel path a Conv takes: ``depthwise``, ``gemm_1x1`` or ``im2col_gemm``."""
+    """The kernel path a Conv takes: ``depthwise``, ``gemm_1x1``, ``winograd_3x3`` or ``im2col_gemm``."""
     if geom.is_depthwise:
         return "depthwise"
     if geom.is_pointwise:
         return "gemm_1x1"
+    g = geom
+    if winograd.pays(g.kh, g.kw, (g.stride_h, g.stride_w), (g.dil_h, g.dil_w), g.groups, g.c, g.k, g.ho, g.wo):
+        return "winograd_3x3"
     return "im2col_gemm"
 
 
@@ -220,11 +224,17 @@ class ConvMicrokernels:
     bias_activation: Callable[..., None]
     scatter_bias_activation: Callable[..., None]
     gather_weights: Callable[..., None]
+    #: Winograd F(2x2, 3x3): signatures as in parsicore.kernels.numpy_backend.winograd.
+    winograd_input: Callable[..., None]
+    winograd_output: Callable[..., None]
+    winograd_gather: Callable[..., None]
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
                                       scatter_bias_activation=scatter_bias_activation,
-                                      gather_weights=gather_weights)
+                                      gather_weights=gather_weights, winograd_input=winograd.input_transform,
+                                      winograd_output=winograd.output_transform,
+                                      winograd_gather=winograd.gather_transformed)
 
 
 # --- Orchestration ------------------------------------------------------------------------------------
@@ -269,6 +279,9 @@ class ConvKernel:
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
         self.in_shape = (geom.c, geom.h, geom.w)
+        if self.path == "winograd_3x3":
+            self.winograd_u = winograd.transform_weights(weight)
+            self.tiles_h, self.tiles_w = winograd.tiles(geom.ho, geom.wo)
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
@@ -285,6 +298,10 @@ class ConvKernel:
         if self.path == "depthwise":
             modes = None if rows is None and chans is None else self._depthwise_modes(n, rows, chans)
             self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y, self.context)
+        elif self.path == "winograd_3x3":
+            for i in range(n):
+                self._winograd_image(x[i], y[i], None if rows is None else rows[i],
+                                     None if chans is None else chans[i])
         elif rows is None and chans is None:
             self._dense(x, y)
         elif g.groups == 1:
@@ -357,6 +374,39 @@ class ConvKernel:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
         else:
             self.micro.scatter_bias_activation(values, rows, self.bias, self.activation, y, self.context)
+
+    def _winograd_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
+                        chans: np.ndarray | None) -> None:
+        """One image, dense or gated. x: (C, H, W); y: (K, Ho, Wo) C-contiguous; rows/chans: sorted active output/input
+        channels (None = all): transform the active input channels, 16 GEMMs on the gathered active rows and
+        columns of the transformed weights, transform back the active output rows (the others 0)."""
+        g = self.geom
+        if chans is not None and chans.size == g.c:
+            chans = None
+        if rows is not None and rows.size == g.k:
+            rows = None
+        n_rows = g.k if rows is None else rows.size
+        n_cols = g.c if chans is None else chans.size
+        if n_rows == 0:
+            y.fill(0.0)
+            return
+        count = winograd.tile_columns(self.tiles_h, self.tiles_w)
+        gather = rows is not None or chans is not None
+        u_buf, v_buf, m_buf = self.context.scratch(16 * n_rows * n_cols if gather else 0, 16 * n_cols * count,
+                                                   16 * n_rows * count)
+        m = m_buf.reshape(16, n_rows, count)
+        if n_cols == 0:
+            m.fill(0.0)  # every input channel is off: the conv is its bias
+        else:
+            u = self.winograd_u
+            if gather:
+                u = u_buf.reshape(16, n_rows, n_cols)
+                self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
+            v = v_buf.reshape(16, n_cols, count)
+            self.micro.winograd_input(x, chans, g.top, g.left, self.tiles_h, self.tiles_w, v, self.context)
+            # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
+            np.matmul(u, v, out=m)
+        self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y, self.context)
 
     def _gated_grouped_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
                              chans: np.ndarray | None) -> None:
