@@ -427,10 +427,11 @@ print(usage.ru_maxrss if os.waitstatus_to_exitcode(status) == 0 else -1)
 """
 
 
-def command_peak_rss_mb(argv: Sequence[str], env: Mapping[str, str] | None = None) -> float | None:
+def command_peak_rss_mb(argv: Sequence[str], env: Mapping[str, str] | None = None,
+                        cwd: str | os.PathLike[str] | None = None) -> float | None:
     """Run ``argv`` to completion (its output discarded) and return its peak RSS in MiB, None if it failed."""
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], capture_output=True, text=True,
-                          env=None if env is None else dict(env), check=False)
+                          env=None if env is None else dict(env), cwd=cwd, check=False)
     try:
         rss = int(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -72,16 +72,26 @@ class Row:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path) -> dict[str, str]:
+    """The environment of every measured process: parsicore imported from ``root`` (the snapshot)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     return env
 
 
-def _parsicore_cmd() -> list[str]:
-    """``parsicore`` when installed on PATH, else ``python -m parsicore`` from this checkout."""
-    exe = shutil.which("parsicore")
-    return [exe] if exe else [sys.executable, "-m", "parsicore"]
+PARSICORE = [sys.executable, "-m", "parsicore"]  # with cwd and PYTHONPATH at the snapshot: its engine, not another
+
+
+def snapshot(dest: Path) -> Path:
+    """Copy the engine (parsicore/, weights/, boards/) of the working tree to ``dest``; every row runs that copy.
+
+    Other developers edit the kernels while the matrix runs (an hour); without a snapshot, rows would run
+    different engines and a row could even catch a half-written file.
+    """
+    for name in ("parsicore", "weights", "boards"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def expand_keys(text: str | None) -> list[str]:
@@ -106,15 +116,16 @@ def label(key: str) -> str:
     return f"{LABELS[base]}, synthetic {off} % off"
 
 
-def default_model() -> Path:
-    """The shipped default gated model of this checkout (not imported from parsicore: see main)."""
-    return REPO / "weights" / "fashion_gated.h5"
+def default_model(root: Path) -> Path:
+    """The shipped default gated model of the engine snapshot (not asked from parsicore: see main)."""
+    return root / "weights" / "fashion_gated.h5"
 
 
 def build_model(key: str, model_dir: Path) -> Path | None:
     """The model file for ``key`` (built into model_dir); None for the default gated model when absent."""
     if key == DEFAULT_GATED:
-        return default_model() if default_model().is_file() else None
+        path = default_model(model_dir.parent / "engine")
+        return path if path.is_file() else None
     path = model_dir / f"{key}.h5"
     if not path.is_file():
         if key in bench_models.DENSE:
@@ -125,11 +136,11 @@ def build_model(key: str, model_dir: Path) -> Path | None:
     return path
 
 
-def run_row(key: str, path: Path, threads: int, runs: int, warmup: int, isolate: bool) -> Row:
-    cmd = [*_parsicore_cmd(), "bench", str(path), "--threads", str(threads), "--runs", str(runs), "--warmup",
+def run_row(root: Path, key: str, path: Path, threads: int, runs: int, warmup: int, isolate: bool) -> Row:
+    cmd = [*PARSICORE, "bench", str(path), "--threads", str(threads), "--runs", str(runs), "--warmup",
            str(warmup), "--json"] + (["--isolate"] if isolate else [])
-    before, code = os.getloadavg()[0], engine_fingerprint()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, check=False)
+    before, code = os.getloadavg()[0], engine_fingerprint(root)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(root), cwd=root, check=False)
     after = os.getloadavg()[0]
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -184,22 +195,22 @@ def code_version() -> str:
     """The commit the figures belong to, and whether the engine's files differed from it (others edit them)."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout.rstrip() if done.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     changed = [line[3:] for line in git("status", "--porcelain", "--", "parsicore").splitlines()]
     return f"commit {head}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-def engine_fingerprint() -> str:
-    """A short hash of every parsicore/*.py source: tells whether the engine changed between two rows."""
+def engine_fingerprint(root: Path) -> str:
+    """A short hash of every parsicore/*.py source under root: tells whether the engine changed between rows."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "parsicore").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted((root / "parsicore").rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:8]
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(root: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -216,8 +227,8 @@ def machine_info() -> dict[str, Any]:
     info["hypervisor"] = fields.get("Hypervisor vendor", "")
     flags = fields.get("Flags", "").split()
     info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "asimd", "sve") if f in flags)
-    done = subprocess.run([sys.executable, "-c", _MACHINE_SNIPPET], capture_output=True, text=True, env=_env(),
-                          cwd=REPO, check=False)
+    done = subprocess.run([sys.executable, "-c", _MACHINE_SNIPPET], capture_output=True, text=True, env=_env(root),
+                          cwd=root, check=False)
     if done.returncode == 0:
         info.update(json.loads(done.stdout))
     else:
@@ -232,21 +243,21 @@ def sample_image() -> Path:
     return sorted((REPO / "weights" / "samples").glob("*.png"))[0]
 
 
-def measure_startup(model: Path | None, runs: int, cold_runs: int) -> dict[str, Any]:
+def measure_startup(root: Path, model: Path | None, runs: int, cold_runs: int) -> dict[str, Any]:
     """Wall time of ``parsicore run SAMPLE [--model M]``: warm Numba cache (median of runs after one untimed
     run) and empty cache (each run with a fresh NUMBA_CACHE_DIR)."""
-    cmd = [*_parsicore_cmd(), "run", str(sample_image())] + (["--model", str(model)] if model else [])
+    cmd = [*PARSICORE, "run", str(sample_image())] + (["--model", str(model)] if model else [])
 
     def timed(env: dict[str, str]) -> float:
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
         elapsed = time.perf_counter() - t0
         if done.returncode != 0:
             raise RuntimeError((done.stderr.strip().splitlines() or ["?"])[-1])
         return elapsed
 
-    env = _env()
-    result: dict[str, Any] = {"command": _shown(cmd), "model": str(model) if model else "default"}
+    env = _env(root)
+    result: dict[str, Any] = {"command": _shown(cmd, root), "model": str(model) if model else "default"}
     try:
         timed(env)  # fills the cache
         warm = [timed(env) for _ in range(runs)]
@@ -263,7 +274,7 @@ def measure_startup(model: Path | None, runs: int, cold_runs: int) -> dict[str, 
     return result
 
 
-def _shown(cmd: Sequence[str]) -> str:
+def _shown(cmd: Sequence[str], root: Path) -> str:
     """A command as a reader would type it: ``python`` for this interpreter, paths relative to the repo."""
     parts = []
     for c in cmd:
@@ -271,16 +282,18 @@ def _shown(cmd: Sequence[str]) -> str:
             c = "python"
         elif c.startswith(str(REPO) + os.sep):
             c = os.path.relpath(c, REPO)
+        elif c.startswith(str(root) + os.sep):
+            c = os.path.relpath(c, root)
         elif c.endswith(os.sep + "parsicore"):
             c = "parsicore"
         parts.append(c)
     return " ".join(parts)
 
 
-def measure_run_rss(model: Path) -> float | None:
+def measure_run_rss(root: Path, model: Path) -> float | None:
     """Peak RSS (MiB) of ``parsicore run --model MODEL SAMPLE`` (a process of its own)."""
-    cmd = [*_parsicore_cmd(), "run", str(sample_image()), "--model", str(model)]
-    return command_peak_rss_mb(cmd, env=_env())
+    cmd = [*PARSICORE, "run", str(sample_image()), "--model", str(model)]
+    return command_peak_rss_mb(cmd, env=_env(root), cwd=root)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -403,7 +416,8 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
              f"{info.get('onnxruntime')}, torch {info.get('torch')}"]
     pools = info.get("threadpools") or []
     for p in pools:
-        lines.append(f"- thread pool (threadpoolctl, after the board settings): {p.get('user_api')} "
+        lines.append(f"- thread pool (threadpoolctl, after the board settings; `parsicore bench` limits BLAS to "
+                     f"the row's thread count): {p.get('user_api')} "
                      f"{p.get('internal_api')} {p.get('version')}, kernels {p.get('architecture')}, "
                      f"{p.get('num_threads')} thread(s)"
                      + (f", {p['threading_layer']}" if p.get("threading_layer") else ""))
@@ -506,7 +520,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="run each row this many times and keep the least disturbed one (default 1)")
     ap.add_argument("--no-isolate", action="store_true", help="skip the per-engine peak RSS subprocesses")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up and `parsicore run` RSS figures")
-    ap.add_argument("--model-dir", type=Path, default=None, help="where to build the models (default: a temp dir)")
     ap.add_argument("--write-doc", action="store_true", help="rewrite the generated section of --doc")
     ap.add_argument("--doc", type=Path, default=REPO / "PERFORMANCE.md")
     ap.add_argument("--plot", type=Path, default=REPO / "PERFORMANCE-latency.png")
@@ -519,8 +532,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("bench_matrix: --runs, --repeat and --threads must be >= 1, --warmup >= 0")
     command = "python scripts/bench_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M %Z")
+    work = Path(tempfile.mkdtemp(prefix="parsicore-bench-matrix-"))
     version = code_version()
-    info = machine_info()
+    root = snapshot(work / "engine")
+    info = machine_info(root)
     notes: list[str] = []
     rows: list[Row] = []
     json_out = args.json_out or (args.doc.with_suffix(".json") if args.write_doc else None)
@@ -532,13 +547,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "engine_sources": r.code, "report": r.report} for r in rows],
                 "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
 
-    with tempfile.TemporaryDirectory(prefix="parsicore-bench-models-") as tmp:
-        model_dir = args.model_dir or Path(tmp)
-        model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir = work / "models"
+        model_dir.mkdir()
         # Every model is built before the first row: the engine's sources may change while the matrix runs
         # (other developers), and this process must not import parsicore again after the start.
         paths = {key: build_model(key, model_dir) for key in keys}
-        need_small = not args.no_startup and not default_model().is_file()
+        need_small = not args.no_startup and not default_model(root).is_file()
         startup_model = build_model("small_cnn", model_dir) if need_small else None
         rss_model = build_model("resnet18", model_dir) if not args.no_startup and "resnet18" in keys else None
         for key in keys:
@@ -550,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for t in thread_counts:
                 best: Row | None = None
                 for _ in range(args.repeat):
-                    row = run_row(key, path, t, args.runs, args.warmup, not args.no_isolate)
+                    row = run_row(root, key, path, t, args.runs, args.warmup, not args.no_isolate)
                     best = row if best is None else quieter(best, row)
                 assert best is not None  # noqa: S101 - repeat >= 1
                 rows.append(best)
@@ -561,14 +576,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             if startup_model is not None:
                 notes.append("start-up: the default model does not exist yet, so `parsicore run` used the small "
                              "CNN (28x28 grey, like the default) through --model")
-            startup = measure_startup(startup_model, runs=10, cold_runs=3)
+            startup = measure_startup(root, startup_model, runs=10, cold_runs=3)
             if rss_model is not None:
-                run_rss = measure_run_rss(rss_model)
+                run_rss = measure_run_rss(root, rss_model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     plot_note = plot(rows, args.plot)
     finished = time.strftime("%Y-%m-%d %H:%M %Z")
     generated = [
         "",
-        f"Generated by `{command.strip()}` ({started} to {finished}; parsicore {version}).",
+        f"Generated by `{command.strip()}` ({started} to {finished}). Engine: a snapshot of the working tree taken "
+        f"at the start (parsicore {version}; sources {rows[0].code if rows else '-'}"
+        "), so every row ran the same code while the kernels were being edited.",
         "",
         "Machine:",
         "",
@@ -618,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if letters:
         notes.append("the engine's source changed while the matrix ran (the kernels are being optimised at the "
                      "same time): the letter after the thread count names the version a row ran ("
-                     + ", ".join(f"{v.strip()} = sources {k}" for k, v in letters.items())
+                     + ", ".join(f"{v.strip()[1:-1]} = sources {k}" for k, v in letters.items())
                      + "); only rows with the same letter compare")
     generated += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     print("\n".join(generated))
