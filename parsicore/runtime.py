@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from parsicore import gates, threads
+from parsicore import gates
+from parsicore import threads as thread_control
 from parsicore.errors import InputError
 from parsicore.format import ModelFile
 from parsicore.graph import Graph
@@ -163,6 +164,8 @@ class Model:
         self._graph = graph
         self._plan = plan
         self._threads = threads
+        # The run's compute threads: the asked-for count, else the default (CPUs, or the board's setting).
+        self._compute_threads = threads if threads is not None else thread_control.default_threads()
         self._local = threading.local()
         self._infos = _step_infos(plan)
 
@@ -309,9 +312,8 @@ class Model:
         """Run every step; returns the live tensors (copies of all of them when capture) and layer stats."""
         plan = self._plan
         ws = self._workspace(n)
-        plan.context.threads = self._threads
-        if self._threads:
-            threads.apply(self._threads)
+        plan.context.threads = self._compute_threads
+        thread_control.apply(self._compute_threads)
         tensors: dict[str, np.ndarray] = dict(feeds)
         captured: dict[str, np.ndarray] = dict(feeds)
         # Per tensor: absent/None (any channel may be non-zero) or per image the channels that may be non-zero.

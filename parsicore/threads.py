@@ -1,11 +1,19 @@
-"""One thread setting for the two thread pools a run uses: OpenBLAS (NumPy's GEMMs) and Numba's.
+"""One thread setting for everything a run computes with: the GEMMs (OpenBLAS) and Numba's kernels.
 
-``parsicore.load(threads=N)`` makes every call of the model run with N compute threads: before a call the
-runtime calls :func:`apply`, which sets OpenBLAS's thread count (found in the process through ctypes, the
-way threadpoolctl does it, without depending on it) and Numba's (only when Numba is already imported: the
-numpy backend never imports it). Both pools may use all N threads because a run alternates between
-them, never overlapping: a GEMM runs, then Numba's kernels (im2col, epilogues, depthwise, pooling). Numba
-kernels run in parallel only where the work pays for waking the pool (each kernel decides, see
+``parsicore.load(threads=N)`` makes every call of the model run with N compute threads (None: the
+default, :func:`default_threads`). Before a call the runtime calls :func:`apply`, which
+
+- pins OpenBLAS (found in the process through ctypes, the way threadpoolctl does it, without depending
+  on it) to ONE thread: parsicore splits its large GEMMs itself (:func:`run_chunks`): the calling thread
+  and N-1 helper threads take chunks (row blocks, Winograd slices) from a shared counter. OpenBLAS's own
+  threads split a GEMM statically and spin-wait on each other; on a busy machine one descheduled thread
+  stalls the whole call: measured on 2 loaded cores, a 256^3 sgemm took 0.4 ms on one OpenBLAS thread
+  and 32 ms on two. With chunks taken on demand a late helper costs at most one chunk, and a helper that
+  never wakes costs nothing (the caller does all chunks);
+- sets Numba's thread count (only when Numba is already imported: the numpy backend never imports it).
+
+Numba's kernels and the GEMMs alternate, never overlap, so both use all N threads. Numba kernels run in
+parallel only where the work pays for waking the pool (each kernel decides, see
 ``parsicore.kernels.numba_backend.parallel``).
 
 Spinning threads: by default libgomp (Numba's ``omp`` threading layer) busy-waits ~0.2 s after each
@@ -22,8 +30,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,15 +166,30 @@ def numba_thread_limit() -> int | None:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+def default_threads(environ: MutableMapping[str, str] | None = None) -> int:
+    """Compute threads when a model is loaded without ``threads``: $PARSICORE_THREADS, else
+    $NUMBA_NUM_THREADS (the CLI's board settings export it), else every CPU this process may use."""
+    env = os.environ if environ is None else environ
+    for var in ("PARSICORE_THREADS", "NUMBA_NUM_THREADS"):
+        value = env.get(var, "")
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def apply(threads: int) -> None:
-    """Make this thread's next kernels use ``threads`` compute threads: OpenBLAS (process-wide) and Numba
-    (per calling thread, only when Numba is imported and threads > 1: a single-threaded run never starts
-    Numba's pool, its kernels run their serial variants)."""
+    """Make this thread's next kernels use ``threads`` compute threads: OpenBLAS single-threaded (parsicore
+    splits GEMMs itself, see the module docstring), Numba at ``threads`` (per calling thread, only when
+    Numba is imported and threads > 1: a single-threaded run never starts Numba's pool, its kernels run
+    their serial builds)."""
     lib = openblas()
-    if lib is not None and lib.get_num_threads() != threads:
+    if lib is not None and lib.get_num_threads() != 1:
         # Only on change: resizing OpenBLAS's pool while another thread is inside a BLAS call is its one
-        # unsafe moment, and models called concurrently normally share one setting.
-        lib.set_num_threads(threads)
+        # unsafe moment.
+        lib.set_num_threads(1)
     limit = numba_thread_limit()
     if limit is not None and threads > 1:
         import numba
@@ -171,3 +197,85 @@ def apply(threads: int) -> None:
         wanted = min(threads, limit)
         if numba.get_num_threads() != wanted:
             numba.set_num_threads(wanted)
+
+
+class _Job:
+    """``count`` chunks of work, ``task(i)`` for chunk i, taken on demand by whichever thread asks next."""
+
+    def __init__(self, task: Callable[[int], None], count: int) -> None:
+        self.task = task
+        self.count = count
+        self._next = itertools.count()  # next() is atomic under the GIL
+        self._lock = threading.Lock()
+        self._unfinished = count
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def work(self) -> None:
+        """Run chunks until none are left."""
+        while True:
+            i = next(self._next)
+            if i >= self.count:
+                return
+            try:
+                self.task(i)
+            except BaseException as e:  # re-raised in the caller
+                self.error = e
+            with self._lock:
+                self._unfinished -= 1
+                if self._unfinished == 0:
+                    self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+class HelperThreads:
+    """Daemon threads that help the calling thread through a job's chunks (see :func:`run_chunks`). Idle
+    helpers block on a queue (no spinning); they start on first use and live as long as the process."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+
+    def _ensure(self, helpers: int) -> None:
+        if self._started >= helpers:
+            return
+        with self._lock:
+            while self._started < helpers:
+                threading.Thread(target=self._serve, name=f"parsicore-helper-{self._started}", daemon=True).start()
+                self._started += 1
+
+    def _serve(self) -> None:
+        while True:
+            self._queue.get().work()
+
+    def run(self, task: Callable[[int], None], count: int, helpers: int) -> None:
+        """task(0..count-1), on the calling thread and up to ``helpers`` helper threads; returns when all are
+        done (re-raising a chunk's exception)."""
+        job = _Job(task, count)
+        self._ensure(helpers)
+        for _ in range(min(helpers, count - 1)):
+            self._queue.put(job)
+        job.work()
+        job.wait()
+        if job.error is not None:
+            raise job.error
+
+
+@functools.cache
+def helper_threads() -> HelperThreads:
+    """The process's helper threads (one set per process, like OpenBLAS's or Numba's pools)."""
+    return HelperThreads()
+
+
+def run_chunks(task: Callable[[int], None], count: int, threads: int | None) -> None:
+    """task(0..count-1) on ``threads`` threads in all (the caller plus threads-1 helpers; None: the default);
+    serially when one thread or one chunk. Chunks release the GIL (BLAS calls) to run in parallel."""
+    threads = default_threads() if threads is None else threads
+    if threads <= 1 or count <= 1:
+        for i in range(count):
+            task(i)
+        return
+    helper_threads().run(task, count, threads - 1)

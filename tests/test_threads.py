@@ -43,30 +43,89 @@ def blas() -> threads.BlasLibrary:
     return lib
 
 
-def test_apply_sets_openblas_threads(blas: threads.BlasLibrary) -> None:
+def test_apply_pins_openblas_to_one_thread(blas: threads.BlasLibrary) -> None:
+    """parsicore splits GEMMs itself; OpenBLAS runs each piece on the calling thread."""
     before = blas.get_num_threads()
     try:
-        threads.apply(1)
-        assert threads.blas_threads() == 1
+        blas.set_num_threads(2)
         threads.apply(2)
-        assert threads.blas_threads() == 2
+        assert threads.blas_threads() == 1
     finally:
         blas.set_num_threads(before)
 
 
-def test_model_threads_govern_blas(blas: threads.BlasLibrary) -> None:
+def test_model_threads_set_the_context_and_pin_blas(blas: threads.BlasLibrary) -> None:
     before = blas.get_num_threads()
     x = seeded_array(0, (1, 1, 28, 28))
     try:
+        blas.set_num_threads(2)
         one = parsicore.load(small_cnn(0).build(), backend="numpy", threads=1)
         two = parsicore.load(small_cnn(0).build(), backend="numpy", threads=2)
-        a = one(x)
+        default = parsicore.load(small_cnn(0).build(), backend="numpy")
+        a, b, c = one(x), two(x), default(x)
         assert threads.blas_threads() == 1
-        b = two(x)
-        assert threads.blas_threads() == 2
+        assert (one.plan.context.threads, two.plan.context.threads) == (1, 2)
+        assert default.plan.context.threads == threads.default_threads()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
     finally:
         blas.set_num_threads(before)
+
+
+def test_default_threads_from_environment() -> None:
+    assert threads.default_threads({"PARSICORE_THREADS": "3", "NUMBA_NUM_THREADS": "5"}) == 3
+    assert threads.default_threads({"NUMBA_NUM_THREADS": "5"}) == 5
+    assert threads.default_threads({"PARSICORE_THREADS": "x"}) >= 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 64])
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+def test_run_chunks_runs_every_chunk_once(count: int, n_threads: int) -> None:
+    import threading
+
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def task(i: int) -> None:
+        with lock:
+            seen.append(i)
+
+    threads.run_chunks(task, count, n_threads)
+    assert sorted(seen) == list(range(count))
+
+
+def test_run_chunks_reraises_a_chunk_error() -> None:
+    def task(i: int) -> None:
+        if i == 3:
+            raise ValueError("chunk 3")
+
+    with pytest.raises(ValueError, match="chunk 3"):
+        threads.run_chunks(task, 8, 2)
+
+
+def test_run_chunks_from_many_callers_at_once() -> None:
+    """Several Python threads share the helpers; each caller's job completes with its own results."""
+    import threading
+
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            for _ in range(50):
+                out = [0] * 16
+                threads.run_chunks(lambda i, out=out: out.__setitem__(i, i * k), 16, 3)
+                assert out == [i * k for i in range(16)]
+            results[k] = out
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors and len(results) == 4
 
 
 def test_single_threaded_numba_run_matches_default() -> None:

@@ -367,3 +367,43 @@ def test_conv_one_kernel_many_threads(backend: str) -> None:
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["rows", "columns", "winograd"])
+def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With threads > 1 large GEMMs are split into chunks (row blocks, column blocks, Winograd slices) run by
+    the caller and helper threads: dense and gated results still match the reference."""
+    from parsicore.kernels.base import KernelContext
+    from parsicore.kernels.numpy_backend import conv as numpy_conv
+
+    splits: list[int] = []
+
+    def counting_run_chunks(task, count, threads):  # type: ignore[no-untyped-def]
+        splits.append(count)
+        return run_chunks(task, count, threads)
+
+    from parsicore.threads import run_chunks
+
+    monkeypatch.setattr(numpy_conv, "run_chunks", counting_run_chunks)
+    c, k, size, kernel = {"rows": (64, 96, 20, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3)}[shape]
+    pads = (kernel // 2,) * 4
+    case = ConvCase(ConvAttrs(pads=pads), seeded_array(20, (2, c, size, size)),
+                    seeded_array(21, (k, c, kernel, kernel), scale=0.1), seeded_array(22, (k,)), None, (k, size, size))
+    context = KernelContext()
+    context.threads = 3
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,), context=context)
+    kern = factories(backend)["Conv"](spec)
+    assert (kern.path == "winograd_3x3") == (shape == "winograd")
+    y = np.full((2, *case.out_shape), np.nan, dtype=np.float32)
+    kern([case.x], [y])
+    assert splits and all(n > 1 for n in splits), "the GEMM should have been split"
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+    active_out = [np.arange(0, k, 2), np.arange(k)]
+    active_in = [np.arange(c), np.arange(1, c, 3)]
+    x = zero_inactive(case.x, active_in)
+    kern([x], [y], active_out=active_out, active_in=active_in)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(y, want, scale)

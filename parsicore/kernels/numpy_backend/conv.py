@@ -24,6 +24,12 @@ import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
 from parsicore.kernels.numpy_backend import winograd
+from parsicore.threads import run_chunks
+
+#: GEMMs of at least this many MACs are split over the run's threads (below, waking a helper costs more).
+PARALLEL_GEMM_MACS = 1 << 21
+#: Fewest rows per row block when a GEMM is split by rows (else it is split by columns).
+GEMM_CHUNK = 32
 
 #: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
 MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
@@ -330,7 +336,7 @@ class ConvKernel:
                 self.micro.im2col(x[i], None, g, cols.reshape(-1, g.pixels), self.context)
                 b = cols
             for group in range(g.groups):
-                np.matmul(self.packed[group], b[group], out=out[i, group])
+                self._matmul(self.packed[group], b[group], out[i, group])
         self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation, self.context)
 
     def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None) -> None:
@@ -369,7 +375,7 @@ class ConvKernel:
             else:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.im2col(x, chans, g, b, self.context)
-            np.matmul(weight, b, out=values)
+            self._matmul(weight, b, values)
         if rows is None:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
         else:
@@ -405,8 +411,40 @@ class ConvKernel:
             v = v_buf.reshape(16, n_cols, count)
             self.micro.winograd_input(x, chans, g.top, g.left, self.tiles_h, self.tiles_w, v, self.context)
             # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
-            np.matmul(u, v, out=m)
+            self._matmul(u, v, m)
         self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y, self.context)
+
+    def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b (2-D, or a stack of 16 Winograd slices), split over the run's threads when large: by
+        slices, else by row blocks of a/out, else (few rows) by column blocks of b/out. BLAS itself runs
+        single-threaded (see parsicore.threads)."""
+        threads = self.context.threads
+        macs = out.size * a.shape[-1]
+        if threads is None or threads <= 1 or macs < PARALLEL_GEMM_MACS:
+            np.matmul(a, b, out=out)
+            return
+        if a.ndim == 3:
+            step = max(1, a.shape[0] // (2 * threads))
+            count = -(-a.shape[0] // step)
+
+            def task(i: int) -> None:
+                s = slice(i * step, (i + 1) * step)
+                np.matmul(a[s], b[s], out=out[s])
+        elif a.shape[0] >= GEMM_CHUNK * threads:
+            step = -(-a.shape[0] // (2 * threads))
+            count = -(-a.shape[0] // step)
+
+            def task(i: int) -> None:
+                s = slice(i * step, (i + 1) * step)
+                np.matmul(a[s], b, out=out[s])
+        else:
+            step = -(-b.shape[1] // (2 * threads))
+            count = -(-b.shape[1] // step)
+
+            def task(i: int) -> None:
+                s = slice(i * step, (i + 1) * step)
+                np.matmul(a, b[:, s], out=out[:, s])
+        run_chunks(task, count, threads)
 
     def _gated_grouped_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
                              chans: np.ndarray | None) -> None:
