@@ -27,6 +27,16 @@ OPS = {op.type: op for op in (MaxPoolOp(), AveragePoolOp(), GlobalAveragePoolOp(
 BACKENDS = backends()
 
 
+@pytest.fixture(autouse=True)
+def _numba_loop_kernels_for_small_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba backend hands inputs below NUMPY_BELOW elements to NumPy's pools; the test cases are small,
+    so lower the bar to test the numba kernels themselves."""
+    if "numba" in BACKENDS:
+        from parsicore.kernels.numba_backend import pool as numba_pool
+
+        monkeypatch.setattr(numba_pool, "NUMPY_BELOW", 0)
+
+
 def run_kernel(backend: str, op: str, attrs: object, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
     """The backend's output, starting from a NaN-filled output buffer."""
     spec = KernelSpec(op, attrs, {}, (tuple(x.shape[1:]),), (out_shape,), name="pool")
@@ -186,3 +196,14 @@ def test_zero_channel_stays_zero(backend: str, op: str) -> None:
     got = run_kernel(backend, op, attrs, x, out_shape)
     np.testing.assert_array_equal(got[:, 2], 0.0)
     assert (got[:, [0, 1, 3]] != 0).any()
+
+
+def test_numba_backend_uses_numpy_pools_below_the_size_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    from parsicore.kernels.numba_backend import pool as numba_pool
+
+    monkeypatch.setattr(numba_pool, "NUMPY_BELOW", 1000)
+    small = KernelSpec("MaxPool", MaxPoolAttrs(kernel=(2, 2)), {}, ((4, 10, 10),), ((4, 5, 5),))
+    large = KernelSpec("MaxPool", MaxPoolAttrs(kernel=(2, 2)), {}, ((4, 20, 20),), ((4, 10, 10),))
+    assert factories("numba")["MaxPool"](small).__module__.endswith("numpy_backend.pool")
+    assert factories("numba")["MaxPool"](large).__module__.endswith("numba_backend.pool")

@@ -58,29 +58,50 @@ def _copy_row(src, dst):
 
 @serial_and_parallel
 def _im2col_kernel(x, channels, kh, kw, stride_h, stride_w, dil_h, dil_w, top, left, ho, wo, cols):
-    """x: float32 (C, H, W); channels: int64 (S,) -> cols: float32 (S*kh*kw, ho*wo); row (s*kh+i)*kw+j."""
+    """x: float32 (C, H, W); channels: int64 (S,) -> cols: float32 (S*kh*kw, ho*wo); row (s*kh+i)*kw+j.
+
+    At stride_w 2 each input row is first split into its even and odd columns (the only strided pass);
+    tap column offset ``o`` then reads parity o % 2 at ow + o // 2, a unit-stride copy like stride 1.
+    """
     _, h, w = x.shape
     n_sel = channels.shape[0]
+    half = (w + 1) // 2
     for s in numba.prange(n_sel):
         plane = x[channels[s]]
+        if stride_w == 2:
+            phases = np.empty((2, h, half), dtype=np.float32)
+            for ih in range(h):
+                src = plane[ih]
+                even = phases[0, ih, 0:half]
+                odd = phases[1, ih, 0:w // 2]
+                for t in range(even.shape[0]):
+                    even[t] = src[2 * t]
+                for t in range(odd.shape[0]):
+                    odd[t] = src[2 * t + 1]
+        else:
+            phases = np.empty((2, 1, 1), dtype=np.float32)
         for i in range(kh):
             for j in range(kw):
                 row = cols[(s * kh + i) * kw + j]
                 offset = j * dil_w - left
                 ow_lo = max(0, (stride_w - 1 - offset) // stride_w)
                 ow_hi = max(ow_lo, min(wo, (w - 1 - offset) // stride_w + 1))
+                parity = offset % 2
+                shift = (offset - parity) // 2
                 for oh in range(ho):
                     dst = row[oh * wo:(oh + 1) * wo]
                     ih = oh * stride_h - top + i * dil_h
                     if ih < 0 or ih >= h:
                         dst[:] = 0.0
                         continue
-                    src = plane[ih]
                     dst[:ow_lo] = 0.0
                     dst[ow_hi:] = 0.0
                     if stride_w == 1:
-                        _copy_row(src[ow_lo + offset:ow_hi + offset], dst[ow_lo:ow_hi])
+                        _copy_row(plane[ih, ow_lo + offset:ow_hi + offset], dst[ow_lo:ow_hi])
+                    elif stride_w == 2:
+                        _copy_row(phases[parity, ih, ow_lo + shift:ow_hi + shift], dst[ow_lo:ow_hi])
                     else:
+                        src = plane[ih]
                         for ow in range(ow_lo, ow_hi):
                             dst[ow] = src[ow * stride_w + offset]
 
