@@ -278,7 +278,7 @@ def peak_rss_mb() -> float:
 
 
 @contextmanager
-def _blas_limited(threads: int) -> Iterator[int | None]:
+def blas_limited(threads: int) -> Iterator[int | None]:
     """Limit numpy's BLAS to ``threads`` while benchmarking (threadpoolctl, when installed); yields the limit."""
     try:
         from threadpoolctl import threadpool_limits
@@ -314,7 +314,7 @@ def run_benchmark(model: str | os.PathLike[str] | ModelFile, cfg: BenchConfig,
     label = model_file.source if not isinstance(model, (str, os.PathLike)) else str(model)
     feeds = random_feeds(model_file, cfg.batch, cfg.seed)
     skipped: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="parsicore-bench-") as tmp, _blas_limited(cfg.threads) as blas:
+    with tempfile.TemporaryDirectory(prefix="parsicore-bench-") as tmp, blas_limited(cfg.threads) as blas:
         ours, (pc_model, stats) = _prepare_parsicore(model_file, feeds, cfg)
         engines = [ours]
         for peer in cfg.compare:
@@ -441,5 +441,5 @@ def command_peak_rss_mb(argv: Sequence[str], env: Mapping[str, str] | None = Non
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-__all__ = ["ENGINES", "PEERS", "BenchConfig", "BenchReport", "EngineResult", "command_peak_rss_mb",
+__all__ = ["ENGINES", "PEERS", "BenchConfig", "BenchReport", "EngineResult", "blas_limited", "command_peak_rss_mb",
            "isolated_peak_rss_mb", "peak_rss_mb", "random_feeds", "run_benchmark"]

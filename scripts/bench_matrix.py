@@ -296,6 +296,70 @@ def measure_run_rss(root: Path, model: Path) -> float | None:
     return command_peak_rss_mb(cmd, env=_env(root), cwd=root)
 
 
+# ----------------------------------------------------------------------------------------------- skip curves
+
+#: One process, parsicore only: the dense model and its gated variants loaded together and called in turn
+#: (dense, 25 % off, 50 % off, 75 % off, dense, ...), so "gated / own dense" compares calls made under the
+#: same machine load. Same input rule and BLAS limit as ``parsicore bench``.
+_SKIP_SNIPPET = r"""
+import json, sys, time
+import numpy as np
+import parsicore
+from parsicore.bench import blas_limited, random_feeds
+job = json.loads(sys.argv[1])
+models = [(name, parsicore.load(path, threads=job["threads"])) for name, path in job["models"]]
+feeds = random_feeds(models[0][1].model_file, 1)
+out = {}
+with blas_limited(job["threads"]):
+    for name, m in models:
+        _, stats = m.run_with_stats(feeds)
+        out[name] = {"macs_executed": stats.macs_executed, "macs_dense": stats.macs_dense,
+                     "kernels_fraction": stats.kernels_on / stats.kernels_total if stats.kernels_total else None,
+                     "latencies_ms": []}
+    for i in range(job["warmup"] + job["runs"]):
+        for name, m in models:
+            t0 = time.perf_counter()
+            m.run_with_stats(feeds)
+            if i >= job["warmup"]:
+                out[name]["latencies_ms"].append((time.perf_counter() - t0) * 1000)
+for v in out.values():
+    v["median_ms"] = float(np.median(v["latencies_ms"]))
+    v["p90_ms"] = float(np.percentile(v["latencies_ms"], 90))
+print(json.dumps(out))
+"""
+
+
+def skip_curve(root: Path, models: list[tuple[str, Path]], threads: int, runs: int, warmup: int) -> dict[str, Any]:
+    """parsicore alone on a dense model and its gated variants, interleaved: {name: medians, MACs...}."""
+    job = {"models": [(name, str(path)) for name, path in models], "threads": threads, "runs": runs,
+           "warmup": warmup}
+    cmd = [sys.executable, "-c", _SKIP_SNIPPET, json.dumps(job)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(root), cwd=root, check=False)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(done.stdout)
+
+
+def skip_table(curves: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: per (model, threads) the dense median and each variant's median / dense, with MAC fractions."""
+    offs = [round(f * 100) for f in bench_models.GATE_OFF_FRACTIONS]
+    head = ["model", "threads", "dense median ms", *(f"{o} % off: median ms (x dense; MACs x dense)" for o in offs)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, curve in curves.items():
+        base, threads = key.rsplit("@", 1)
+        if "error" in curve:
+            out.append(f"| {LABELS[base]} | {threads} | failed: {curve['error']} |" + " - |" * len(offs))
+            continue
+        d = curve[base]
+        cells = [LABELS[base], threads, _ms(d["median_ms"])]
+        for o in offs:
+            g = curve.get(f"{base}-gated{o}")
+            cells.append("-" if g is None else f"{_ms(g['median_ms'])} ({g['median_ms'] / d['median_ms']:.2f}x; "
+                         f"{g['macs_executed'] / d['macs_executed']:.2f}x)")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- output
 
 
@@ -355,7 +419,7 @@ def _median(row: Row | None, engine: str) -> float | None:
 
 
 def targets(rows: Sequence[Row], threads: Sequence[int], startup: dict[str, Any] | None,
-            run_rss: float | None) -> list[tuple[str, str, str]]:
+            run_rss: float | None, curves: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for each target of the issue; verdict: met / NOT met / not measured."""
     out: list[tuple[str, str, str]] = []
 
@@ -372,6 +436,14 @@ def targets(rows: Sequence[Row], threads: Sequence[int], startup: dict[str, Any]
                         verdict(None if ratio is None else ratio <= limit)))
     for key in bench_models.GATED:
         for t in threads:
+            curve = (curves or {}).get(f"{key}@{t}", {})
+            if key in curve and f"{key}-gated50" in curve:
+                d, g = curve[key], curve[f"{key}-gated50"]
+                out.append((f"{label(key)} 50 % off, {t} thread(s): <= 0.55x own dense",
+                            f"{g['median_ms'] / d['median_ms']:.2f}x ({g['median_ms']:.2f} vs {d['median_ms']:.2f} ms "
+                            f"in one interleaved run; MACs {g['macs_executed'] / d['macs_executed']:.1%} of the dense "
+                            "model's)", verdict(g["median_ms"] / d["median_ms"] <= 0.55)))
+                continue
             dense, gated = _find(rows, key, t), _find(rows, f"{key}-gated50", t)
             d, g = _median(dense, "parsicore"), _median(gated, "parsicore")
             if d is None or g is None:
@@ -432,22 +504,35 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(rows: Sequence[Row], path: Path) -> str:
-    """Latency against the fraction of kernels on (gated variants, dense = 100 %); returns a note."""
+def plot(rows: Sequence[Row], curves: dict[str, dict[str, Any]], path: Path) -> str:
+    """Latency against the fraction of kernels on (gated variants, dense = 100 %); returns a note.
+
+    parsicore's points come from the interleaved skip curves when measured (else from the table's rows); ONNX
+    Runtime's (running each network densely) from the table's rows.
+    """
     series = []
     for key in bench_models.GATED:
-        for t in sorted({r.threads for r in rows}):
+        for t in sorted({r.threads for r in rows} | {int(k.rsplit("@", 1)[1]) for k in curves}):
+            curve = curves.get(f"{key}@{t}", {})
+            curve = {} if "error" in curve else curve
+            dense_row = _find(rows, key, t)
+            dense_macs = curve[key]["macs_executed"] if key in curve else (
+                dense_row.report["macs_dense"] if dense_row else None)  # type: ignore[index]
             points = []
-            dense = _find(rows, key, t)
-            if dense:
-                points.append((1.0, _median(dense, "parsicore"), _median(dense, "onnxruntime"), 1.0))
-            for off in bench_models.GATE_OFF_FRACTIONS:
-                g = _find(rows, f"{key}-gated{round(off * 100)}", t)
-                if g:
-                    frac = g.report["macs_fraction"] * g.report["macs_dense"] / dense.report["macs_dense"] if dense \
-                        else None  # type: ignore[union-attr]
-                    points.append((g.report["kernels_fraction"], _median(g, "parsicore"), _median(g, "onnxruntime"),
-                                   frac))
+            for name in (key, *(f"{key}-gated{round(off * 100)}" for off in bench_models.GATE_OFF_FRACTIONS)):
+                row = _find(rows, name, t)
+                if name in curve:
+                    c = curve[name]
+                    on, ours, macs = c["kernels_fraction"] or 1.0, c["median_ms"], c["macs_executed"]
+                elif row is not None:
+                    rep = row.report
+                    on = rep["kernels_fraction"] or 1.0  # type: ignore[index]
+                    ours = _median(row, "parsicore")
+                    macs = rep["macs_executed"]  # type: ignore[index]
+                else:
+                    continue
+                frac = macs / dense_macs if dense_macs else None
+                points.append((on, ours, _median(row, "onnxruntime"), frac))
             if len(points) > 1:
                 series.append((key, t, sorted(points)))
     if not series:
@@ -471,9 +556,11 @@ def plot(rows: Sequence[Row], path: Path) -> str:
         for _, t, pts in (s for s in series if s[0] == key):
             xs = [p[0] for p in pts]
             line, = ax.plot(xs, [p[1] for p in pts], "o-", label=f"parsicore, {t} thread(s)")
-            ax.plot(xs, [p[2] for p in pts], "s--", color=line.get_color(), alpha=0.6,
-                    label=f"ONNX Runtime (dense gates), {t} thread(s)")
-            dense = next((p for p in pts if p[0] == 1.0 and p[3] == 1.0), None)
+            ort = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if ort:
+                ax.plot([p[0] for p in ort], [p[1] for p in ort], "s--", color=line.get_color(), alpha=0.6,
+                        label=f"ONNX Runtime (gates dense; table rows), {t} thread(s)")
+            dense = next((p for p in pts if p[0] == 1.0 and p[3] is not None and abs(p[3] - 1.0) < 1e-9), None)
             if dense and all(p[3] is not None for p in pts):
                 ax.plot(xs, [dense[1] * p[3] for p in pts], ":", color=line.get_color(), alpha=0.8,
                         label=f"parsicore dense x MAC fraction, {t} thread(s)")
@@ -540,12 +627,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[Row] = []
     json_out = args.json_out or (args.doc.with_suffix(".json") if args.write_doc else None)
     startup = run_rss = None
+    curves: dict[str, dict[str, Any]] = {}
 
     def record() -> dict[str, Any]:
         return {"command": command, "code": version, "started": started, "machine": info,
                 "rows": [{"key": r.key, "threads": r.threads, "error": r.error, "load": [r.load_before, r.load_after],
                           "engine_sources": r.code, "report": r.report} for r in rows],
-                "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
+                "skip_curves": curves, "startup": startup, "parsicore_run_rss_mb": run_rss, "notes": notes}
 
     try:
         model_dir = work / "models"
@@ -572,6 +660,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(table([best])[-1], file=sys.stderr)
                 if json_out:  # partial results survive a crash or an interrupt
                     json_out.write_text(json.dumps(record(), indent=1))
+        for base in bench_models.GATED:
+            variants = [k for k in (base, *(f"{base}-gated{round(f * 100)}" for f in bench_models.GATE_OFF_FRACTIONS))
+                        if k in keys]
+            if base in keys and len(variants) > 1:
+                for t in thread_counts:
+                    curves[f"{base}@{t}"] = skip_curve(root, [(k, paths[k]) for k in variants], t, args.runs,  # type: ignore[misc]
+                                                       args.warmup)
+                    print(f"bench_matrix: skip curve {base}, {t} thread(s) done", file=sys.stderr)
         if not args.no_startup:
             if startup_model is not None:
                 notes.append("start-up: the default model does not exist yet, so `parsicore run` used the small "
@@ -581,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_rss = measure_run_rss(root, rss_model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    plot_note = plot(rows, args.plot)
+    plot_note = plot(rows, curves, args.plot)
     finished = time.strftime("%Y-%m-%d %H:%M %Z")
     generated = [
         "",
@@ -606,11 +702,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         *table(rows),
         "",
+        *([
+            "### Skip efficiency",
+            "",
+            "parsicore alone, the dense model and its synthetic-sparsity variants loaded in one process and called in "
+            "turn (so every column saw the same machine load): median ms, then the ratio to the dense model's latency "
+            "and the ratio of the MACs executed (gate overhead included). Perfect skipping would make the two ratios "
+            "equal.",
+            "",
+            *skip_table(curves),
+            "",
+        ] if curves else []),
         "### Targets",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
-        *(f"| {a} | {b} | {c} |" for a, b, c in targets(rows, thread_counts, startup, run_rss)),
+        *(f"| {a} | {b} | {c} |" for a, b, c in targets(rows, thread_counts, startup, run_rss, curves)),
         "",
     ]
     if startup and "warm_median_s" in startup:
