@@ -318,6 +318,8 @@ class Model:
         captured: dict[str, np.ndarray] = dict(feeds)
         # Per tensor: absent/None (any channel may be non-zero) or per image the channels that may be non-zero.
         nonzero: dict[str, list[np.ndarray] | None] = {}
+        # Per mask tensor: its active channel lists, computed once per call (a mask gates several steps).
+        actives: dict[str, list[np.ndarray]] = {}
         layers: list[LayerStats] = []
         for i, (step, info) in enumerate(zip(plan.steps, self._infos)):
             ins = [tensors[t] for t in step.inputs]
@@ -329,11 +331,11 @@ class Model:
             elif info.static_dense:
                 step.kernel(ins, outs)
             elif step.is_conv:
-                layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero))
+                layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives))
             else:
                 step.kernel(ins, outs)
                 if info.zero_rule != ZERO_NONE:
-                    nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors)
+                    nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors, actives)
             fixed = ws.fixed_stats[i]
             if fixed is not None:
                 layers.append(fixed)
@@ -345,9 +347,10 @@ class Model:
 
     @staticmethod
     def _gated_conv(step: Step, ins: list[np.ndarray], outs: list[np.ndarray], n: int,
-                    tensors: Mapping[str, np.ndarray], nonzero: dict[str, list[np.ndarray] | None]) -> LayerStats:
+                    tensors: Mapping[str, np.ndarray], nonzero: dict[str, list[np.ndarray] | None],
+                    actives: dict[str, list[np.ndarray]]) -> LayerStats:
         """Run a conv that gating may reach, with its active channel lists; its LayerStats for this call."""
-        active_out = gates.active_channels(tensors[step.gate_mask]) if step.gate_mask else None
+        active_out = _active(step.gate_mask, tensors, actives) if step.gate_mask else None
         active_in = nonzero.get(step.inputs[0])
         if active_out is None and active_in is None:
             step.kernel(ins, outs)
@@ -366,14 +369,22 @@ class Model:
                           step.gate_mask is not None)
 
 
+def _active(mask: str, tensors: Mapping[str, np.ndarray], actives: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+    """The active channel lists of mask tensor ``mask`` (computed on first use in this call)."""
+    found = actives.get(mask)
+    if found is None:
+        found = actives[mask] = gates.active_channels(tensors[mask])
+    return found
+
+
 def _propagate_zero(step: Step, rule: int, nonzero: Mapping[str, list[np.ndarray] | None],
-                    tensors: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+                    tensors: Mapping[str, np.ndarray], actives: dict[str, list[np.ndarray]]) -> list[np.ndarray] | None:
     if rule == ZERO_MASK:
-        on = gates.active_channels(tensors[step.inputs[1]])
+        on = _active(step.inputs[1], tensors, actives)
         before = nonzero.get(step.inputs[0])
-        if before is None:
-            return on
-        return [np.intersect1d(a, b, assume_unique=True) for a, b in zip(on, before)]
+        if before is None or before is on:
+            return on  # the common case: the conv before the mask was gated by this very mask
+        return [a if a is b else np.intersect1d(a, b, assume_unique=True) for a, b in zip(on, before)]
     if rule == ZERO_PASS:
         return nonzero.get(step.inputs[0])
     if rule == ZERO_CONCAT and all(nonzero.get(t) is not None for t in step.inputs):

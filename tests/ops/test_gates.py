@@ -390,6 +390,26 @@ def test_channel_mask_numpy_kernel_matches_reference(seed: int, n: int, shape: t
     np.testing.assert_array_equal(got, want)
 
 
+@given(seeds, batches, image_shapes(), strided, strided)
+def test_channel_mask_numba_kernel_matches_reference(seed: int, n: int, shape: tuple, flag_x: bool,
+                                                     flag_mask: bool) -> None:
+    """The numba kernel (copy / zero-fill / multiply per channel), forced on for small inputs."""
+    numba_gates = pytest.importorskip("parsicore.kernels.numba_backend.gates")
+    x = batched_input(seed, n, shape, flag_x)
+    rng = np.random.default_rng(seed + 1)
+    u = rng.random((n, shape[0]))
+    mask = np.where(u < 0.3, 0.0, np.where(u < 0.6, 1.0, rng.random((n, shape[0])))).astype(np.float32)
+    mask = maybe_non_contiguous(mask, flag_mask)
+    below = numba_gates.NUMPY_BELOW
+    try:
+        numba_gates.NUMPY_BELOW = 0
+        (got,) = run_kernel(numba_gates.FACTORIES, "ChannelMask", OPS["ChannelMask"].attrs(), [x, mask])
+    finally:
+        numba_gates.NUMPY_BELOW = below
+    (want,) = reference("ChannelMask", OPS["ChannelMask"].attrs(), [x, mask])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_channel_mask_infer() -> None:
     op = OPS["ChannelMask"]
     attrs = op.attrs()

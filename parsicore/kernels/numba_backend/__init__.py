@@ -15,10 +15,10 @@ jit_cache.configure_cache_dir()
 threads.prepare_environment()
 
 from parsicore.kernels import numpy_backend  # noqa: E402
-from parsicore.kernels.numba_backend import conv, pool  # noqa: E402
+from parsicore.kernels.numba_backend import conv, gates, pool  # noqa: E402
 
 #: Families with a Numba kernel; every other op uses the numpy backend's factory.
-FAMILIES = {"conv": conv, "pool": pool}
+FAMILIES = {"conv": conv, "gates": gates, "pool": pool}
 
 FACTORIES = {**numpy_backend.FACTORIES}
 for _family in FAMILIES.values():

@@ -126,10 +126,17 @@ def _gather_weights_kernel(taps, rows, channels, out):
     n_taps = taps.shape[2]
     n_sel = channels.shape[0]
     for r in numba.prange(rows.shape[0]):
-        src = taps[rows[r]]
         dst = out[r]
-        for s in range(n_sel):
-            _copy_row(src[channels[s]], dst[s * n_taps:(s + 1) * n_taps])
+        if n_taps == 1:  # 1x1 convs: one element per channel
+            src = taps[rows[r], :, 0]
+            for s in range(n_sel):
+                dst[s] = src[channels[s]]
+        else:
+            src = taps[rows[r]]
+            for s in range(n_sel):
+                block = src[channels[s]]
+                for t in range(n_taps):
+                    dst[s * n_taps + t] = block[t]
 
 
 def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,

@@ -469,16 +469,16 @@ class ConvKernel:
             out[rows_g] = values[0]
 
     def _depthwise_modes(self, n: int, rows: list[np.ndarray] | None, chans: list[np.ndarray] | None) -> np.ndarray:
-        modes = np.full((n, self.geom.c), MODE_COMPUTE, dtype=np.int8)
+        """int8 (N, C): MODE_ZERO for inactive outputs, else MODE_BIAS for inactive inputs, else MODE_COMPUTE."""
+        c = self.geom.c
+        modes = np.full((n, c), MODE_COMPUTE if chans is None else MODE_BIAS, dtype=np.int8)
         for i in range(n):
             if chans is not None:
-                active = np.zeros(self.geom.c, dtype=bool)
-                active[chans[i]] = True
-                modes[i, ~active] = MODE_BIAS
+                modes[i, chans[i]] = MODE_COMPUTE
             if rows is not None:
-                active = np.zeros(self.geom.c, dtype=bool)
-                active[rows[i]] = True
-                modes[i, ~active] = MODE_ZERO
+                kept = modes[i, rows[i]]
+                modes[i] = MODE_ZERO
+                modes[i, rows[i]] = kept
         return modes
 
 
