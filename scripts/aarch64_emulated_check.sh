@@ -241,7 +241,7 @@ step_debootstrap() {
     log "debootstrap --arch=arm64 --variant=minbase $SUITE $ROOT $MIRROR"
     # minbase + the few packages needed: python3 (3.11 in bookworm), venv/pip, libstdc++6 for numpy/numba.
     debootstrap --arch=arm64 --variant=minbase \
-        --include=python3,python3-venv,python3-pip,libstdc++6,ca-certificates \
+        --include=python3,python3-venv,python3-pip,libstdc++6,libgomp1,ca-certificates \
         "$SUITE" "$ROOT" "$MIRROR"
     echo "debian $SUITE arm64 via debootstrap, $(date -u +%FT%TZ)" > "$COMPLETE_MARKER"
 }
