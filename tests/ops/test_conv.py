@@ -177,6 +177,25 @@ def test_conv_winograd_3x3_matches_reference(backend: str, data: st.DataObject) 
     assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [7, 16])
+def test_conv_winograd_gated_calls_by_tile_count(backend: str, size: int) -> None:
+    """A Winograd conv called with gating: few tiles (7x7) take the gathered im2col GEMM, many (16x16) the
+    gathered Winograd GEMMs; both match the reference, dense calls stay Winograd."""
+    c, k = 20, 24
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(30, (2, c, size, size)),
+                    seeded_array(31, (k, c, 3, 3), scale=0.2), seeded_array(32, (k,)), None, (k, size, size))
+    kern = factories(backend)["Conv"](_spec(case))
+    assert kern.path == "winograd_3x3" and kern.winograd_gated == (size == 16)
+    active_out = [np.array([0, 5, 6, 23]), np.arange(k)]
+    active_in = [np.arange(0, c, 3), np.array([], dtype=np.int64)]
+    x = zero_inactive(case.x, active_in, fill=np.nan)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
+    want, scale = expected(case)
+    assert_close(run_kernel(backend, case), want, scale)
+
+
 @pytest.mark.parametrize("path", ["planes", "blocks"])
 @given(data=st.data())
 def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObject) -> None:

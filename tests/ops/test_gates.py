@@ -90,6 +90,16 @@ def test_lkam_thresholded_kernel_switches_equal_reference_mask(case: tuple) -> N
     np.testing.assert_allclose(got[clear], want[clear], rtol=1e-5, atol=1e-5)
 
 
+@given(lkam_cases())
+def test_lkam_numba_kernel_switches_match_reference(case: tuple) -> None:
+    """The numba LKAM kernel (bank1 1x1: one compiled pass; other sizes delegate to NumPy's kernel)."""
+    numba_gates = pytest.importorskip("parsicore.kernels.numba_backend.gates")
+    attrs, x, weights = case
+    (s,) = run_kernel(numba_gates.FACTORIES, "LKAMGate", attrs, [x], weights)
+    (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+    np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+
+
 # Each configuration drives one path of the numpy LKAM kernel (see its module docstring).
 LKAM_PATHS = {
     "pool_input_first_one_bank": dict(kernel_size=1, pool="avg", two_banks=False, activation="relu"),

@@ -288,6 +288,9 @@ class ConvKernel:
         if self.path == "winograd_3x3":
             self.winograd_u = winograd.transform_weights(weight)
             self.tiles_h, self.tiles_w = winograd.tiles(geom.ho, geom.wo)
+            # Gated calls with few tiles take the gathered im2col GEMM: gathering the 16 transformed weight
+            # slices costs more than Winograd saves there (measured at 7x7 outputs).
+            self.winograd_gated = winograd.tile_columns(self.tiles_h, self.tiles_w) >= winograd.GATED_MIN_COLUMNS
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
@@ -304,7 +307,7 @@ class ConvKernel:
         if self.path == "depthwise":
             modes = None if rows is None and chans is None else self._depthwise_modes(n, rows, chans)
             self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y, self.context)
-        elif self.path == "winograd_3x3":
+        elif self.path == "winograd_3x3" and (self.winograd_gated or (rows is None and chans is None)):
             for i in range(n):
                 self._winograd_image(x[i], y[i], None if rows is None else rows[i],
                                      None if chans is None else chans[i])

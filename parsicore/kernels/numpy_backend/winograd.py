@@ -28,6 +28,8 @@ _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.
 #: Below these sizes the transforms cost more than the MACs they save, or the GEMMs become too thin for
 #: BLAS to run well (measured with OpenBLAS on Zen 4: 7x7 outputs with 256+ channels lose).
 MIN_CHANNELS = 16
+#: Gated calls use Winograd only with at least this many GEMM columns (tile_columns), else im2col.
+GATED_MIN_COLUMNS = 36
 MIN_TILES = 16
 MAX_WEIGHT_FOR_FEW_TILES = 128 * 128
 FEW_TILES = 36
