@@ -206,7 +206,9 @@ def export_for_onnxruntime(model_file: ModelFile, path: Path, cfg: BenchConfig) 
     return path
 
 
-def _ort_session(onnx_path: Path, threads: int) -> Any:
+def ort_session(onnx_path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with the benchmark's settings (``threads`` intra-op, 1 inter-op, all graph
+    optimisations); PeerUnavailable when onnxruntime is not installed."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -227,7 +229,7 @@ def _prepare_onnxruntime(model_file: ModelFile, feeds: dict[str, np.ndarray], cf
         raise PeerUnavailable("onnxruntime is not installed (pip install 'parsicore[onnx]')") from e
     path = export_for_onnxruntime(model_file, workdir / "model.onnx", cfg)
     t0 = time.perf_counter()
-    session = _ort_session(path, cfg.threads)
+    session = ort_session(path, cfg.threads)
     load_ms = (time.perf_counter() - t0) * 1000
     names = [o.name for o in session.get_outputs()]
 
@@ -374,7 +376,7 @@ for _ in range(job["runs"]):
 """,
     "onnxruntime": _CHILD_COMMON + r"""
 import onnxruntime as ort
-opts = ort.SessionOptions()  # as bench._ort_session
+opts = ort.SessionOptions()  # as bench.ort_session
 opts.intra_op_num_threads = job["threads"]
 opts.inter_op_num_threads = 1
 opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -441,5 +443,6 @@ def command_peak_rss_mb(argv: Sequence[str], env: Mapping[str, str] | None = Non
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-__all__ = ["ENGINES", "PEERS", "BenchConfig", "BenchReport", "EngineResult", "blas_limited", "command_peak_rss_mb",
-           "isolated_peak_rss_mb", "peak_rss_mb", "random_feeds", "run_benchmark"]
+__all__ = ["ENGINES", "PEERS", "BenchConfig", "BenchReport", "EngineResult", "PeerUnavailable", "blas_limited",
+           "command_peak_rss_mb", "export_for_onnxruntime", "isolated_peak_rss_mb", "ort_session", "peak_rss_mb",
+           "random_feeds", "run_benchmark"]

@@ -298,33 +298,45 @@ def measure_run_rss(root: Path, model: Path) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- skip curves
 
-#: One process, parsicore only: the dense model and its gated variants loaded together and called in turn
-#: (dense, 25 % off, 50 % off, 75 % off, dense, ...), so "gated / own dense" compares calls made under the
-#: same machine load. Same input rule and BLAS limit as ``parsicore bench``.
+#: One process: the dense model and its gated variants loaded together and called in turn (dense, 25 % off,
+#: 50 % off, 75 % off, dense, ...; each by parsicore then by ONNX Runtime on its export), so "gated / own
+#: dense" compares calls made under the same machine load. Same input rule and BLAS limit as ``parsicore bench``.
 _SKIP_SNIPPET = r"""
-import json, sys, time
+import json, sys, tempfile, time
+from pathlib import Path
 import numpy as np
 import parsicore
-from parsicore.bench import blas_limited, random_feeds
+from parsicore.bench import (BenchConfig, PeerUnavailable, blas_limited, export_for_onnxruntime, ort_session,
+                             random_feeds)
 job = json.loads(sys.argv[1])
-models = [(name, parsicore.load(path, threads=job["threads"])) for name, path in job["models"]]
+threads = job["threads"]
+models = [(name, parsicore.load(path, threads=threads)) for name, path in job["models"]]
 feeds = random_feeds(models[0][1].model_file, 1)
-out = {}
-with blas_limited(job["threads"]):
+calls, out = [], {}
+tmp = tempfile.mkdtemp(prefix="parsicore-skip-")
+with blas_limited(threads):
     for name, m in models:
         _, stats = m.run_with_stats(feeds)
         out[name] = {"macs_executed": stats.macs_executed, "macs_dense": stats.macs_dense,
-                     "kernels_fraction": stats.kernels_on / stats.kernels_total if stats.kernels_total else None,
-                     "latencies_ms": []}
+                     "kernels_fraction": stats.kernels_on / stats.kernels_total if stats.kernels_total else None}
+        calls.append((name, "parsicore", lambda m=m: m.run_with_stats(feeds)))
+        try:  # ONNX Runtime on the same network (gates dense), interleaved too
+            onnx = export_for_onnxruntime(m.model_file, Path(tmp) / f"{name}.onnx", BenchConfig(threads=threads))
+            session = ort_session(onnx, threads)
+            calls.append((name, "onnxruntime", lambda s=session: s.run(None, feeds)))
+        except PeerUnavailable:
+            pass
+    times = {(name, engine): [] for name, engine, _ in calls}
     for i in range(job["warmup"] + job["runs"]):
-        for name, m in models:
+        for name, engine, call in calls:
             t0 = time.perf_counter()
-            m.run_with_stats(feeds)
+            call()
             if i >= job["warmup"]:
-                out[name]["latencies_ms"].append((time.perf_counter() - t0) * 1000)
-for v in out.values():
-    v["median_ms"] = float(np.median(v["latencies_ms"]))
-    v["p90_ms"] = float(np.percentile(v["latencies_ms"], 90))
+                times[(name, engine)].append((time.perf_counter() - t0) * 1000)
+for (name, engine), values in times.items():
+    key = "" if engine == "parsicore" else "ort_"
+    out[name][key + "median_ms"] = float(np.median(values))
+    out[name][key + "p90_ms"] = float(np.percentile(values, 90))
 print(json.dumps(out))
 """
 
@@ -343,12 +355,13 @@ def skip_curve(root: Path, models: list[tuple[str, Path]], threads: int, runs: i
 def skip_table(curves: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown: per (model, threads) the dense median and each variant's median / dense, with MAC fractions."""
     offs = [round(f * 100) for f in bench_models.GATE_OFF_FRACTIONS]
-    head = ["model", "threads", "dense median ms", *(f"{o} % off: median ms (x dense; MACs x dense)" for o in offs)]
+    head = ["model", "threads", "dense median ms", *(f"{o} % off: median ms (x dense; MACs x dense)" for o in offs),
+            "ORT median ms, dense / 50 % off (gates dense)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, curve in curves.items():
         base, threads = key.rsplit("@", 1)
         if "error" in curve:
-            out.append(f"| {LABELS[base]} | {threads} | failed: {curve['error']} |" + " - |" * len(offs))
+            out.append(f"| {LABELS[base]} | {threads} | failed: {curve['error']} |" + " - |" * (len(offs) + 1))
             continue
         d = curve[base]
         cells = [LABELS[base], threads, _ms(d["median_ms"])]
@@ -356,6 +369,8 @@ def skip_table(curves: dict[str, dict[str, Any]]) -> list[str]:
             g = curve.get(f"{base}-gated{o}")
             cells.append("-" if g is None else f"{_ms(g['median_ms'])} ({g['median_ms'] / d['median_ms']:.2f}x; "
                          f"{g['macs_executed'] / d['macs_executed']:.2f}x)")
+        half = curve.get(f"{base}-gated50", {})
+        cells.append(f"{_ms(d.get('ort_median_ms'))} / {_ms(half.get('ort_median_ms'))}")
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -507,8 +522,8 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
 def plot(rows: Sequence[Row], curves: dict[str, dict[str, Any]], path: Path) -> str:
     """Latency against the fraction of kernels on (gated variants, dense = 100 %); returns a note.
 
-    parsicore's points come from the interleaved skip curves when measured (else from the table's rows); ONNX
-    Runtime's (running each network densely) from the table's rows.
+    Points come from the interleaved skip curves when measured (else from the table's rows, measured at other
+    times); ONNX Runtime runs each network with its gates computed densely.
     """
     series = []
     for key in bench_models.GATED:
@@ -521,9 +536,11 @@ def plot(rows: Sequence[Row], curves: dict[str, dict[str, Any]], path: Path) -> 
             points = []
             for name in (key, *(f"{key}-gated{round(off * 100)}" for off in bench_models.GATE_OFF_FRACTIONS)):
                 row = _find(rows, name, t)
+                ort = _median(row, "onnxruntime")
                 if name in curve:
                     c = curve[name]
                     on, ours, macs = c["kernels_fraction"] or 1.0, c["median_ms"], c["macs_executed"]
+                    ort = c.get("ort_median_ms")
                 elif row is not None:
                     rep = row.report
                     on = rep["kernels_fraction"] or 1.0  # type: ignore[index]
@@ -532,7 +549,7 @@ def plot(rows: Sequence[Row], curves: dict[str, dict[str, Any]], path: Path) -> 
                 else:
                     continue
                 frac = macs / dense_macs if dense_macs else None
-                points.append((on, ours, _median(row, "onnxruntime"), frac))
+                points.append((on, ours, ort, frac))
             if len(points) > 1:
                 series.append((key, t, sorted(points)))
     if not series:
@@ -559,7 +576,7 @@ def plot(rows: Sequence[Row], curves: dict[str, dict[str, Any]], path: Path) -> 
             ort = [(p[0], p[2]) for p in pts if p[2] is not None]
             if ort:
                 ax.plot([p[0] for p in ort], [p[1] for p in ort], "s--", color=line.get_color(), alpha=0.6,
-                        label=f"ONNX Runtime (gates dense; table rows), {t} thread(s)")
+                        label=f"ONNX Runtime (gates computed densely), {t} thread(s)")
             dense = next((p for p in pts if p[0] == 1.0 and p[3] is not None and abs(p[3] - 1.0) < 1e-9), None)
             if dense and all(p[3] is not None for p in pts):
                 ax.plot(xs, [dense[1] * p[3] for p in pts], ":", color=line.get_color(), alpha=0.8,
@@ -705,10 +722,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         *([
             "### Skip efficiency",
             "",
-            "parsicore alone, the dense model and its synthetic-sparsity variants loaded in one process and called in "
-            "turn (so every column saw the same machine load): median ms, then the ratio to the dense model's latency "
-            "and the ratio of the MACs executed (gate overhead included). Perfect skipping would make the two ratios "
-            "equal.",
+            "The dense model and its synthetic-sparsity variants loaded in one process and called in turn, each by "
+            "parsicore then by ONNX Runtime (so every column saw the same machine load): parsicore's median ms, then "
+            "the ratio to the dense model's latency and the ratio of the MACs executed (gate overhead included); "
+            "perfect skipping would make the two ratios equal. These runs decide the gated targets and draw the plot.",
             "",
             *skip_table(curves),
             "",
