@@ -9,21 +9,23 @@ default, :func:`default_threads`). Before a call the runtime calls :func:`apply`
   threads split a GEMM statically and spin-wait on each other; on a busy machine one descheduled thread
   stalls the whole call: measured on 2 loaded cores, a 256^3 sgemm took 0.4 ms on one OpenBLAS thread
   and 32 ms on two. With chunks taken on demand a late helper costs at most one chunk, and a helper that
-  never wakes costs nothing (the caller does all chunks);
-- sets Numba's thread count (only when Numba is already imported: the numpy backend never imports it).
+  never wakes costs nothing (the caller does all chunks).
 
-Numba's kernels and the GEMMs alternate, never overlap, so both use all N threads. Numba kernels run in
-parallel only where the work pays for waking the pool (each kernel decides, see
-``parsicore.kernels.numba_backend.parallel``).
+N also reaches the kernels through the plan's KernelContext: Numba kernels run their parallel build (on
+min(N, NUMBA_NUM_THREADS) threads, set when they do) only where the work pays for waking the pool, so a
+run whose kernels all stay serial never starts Numba's pool (see
+``parsicore.kernels.numba_backend.parallel``). Numba's kernels and the GEMMs alternate, never overlap, so
+both use all N threads.
 
 Spinning threads: by default libgomp (Numba's ``omp`` threading layer) busy-waits ~0.2 s after each
 parallel region, stealing the core the next GEMM needs; on a busy machine small parallel kernels ran
 70-1000x slower. :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a
 policy; it must run before Numba's threading layer loads libgomp (the numba backend calls it before it
-imports Numba; the CLI's board settings run earlier still).
+imports Numba).
 
-No BLAS found (NumPy built on MKL/Accelerate, an exotic OpenBLAS): :func:`apply` sets Numba only, and
-:func:`blas_info` says so; ``threadpoolctl`` then limits the BLAS from outside.
+No OpenBLAS found (NumPy built on MKL/Accelerate, an exotic OpenBLAS): :func:`apply` changes nothing,
+:func:`blas_info` says so, and that BLAS may add threads of its own to each chunk; ``threadpoolctl`` can
+limit it from outside.
 """
 
 from __future__ import annotations
@@ -158,14 +160,6 @@ def blas_info() -> str:
     return f"OpenBLAS {Path(lib.path).name}{core}, {lib.get_num_threads()} thread(s)"
 
 
-def numba_thread_limit() -> int | None:
-    """Numba's pool size (NUMBA_NUM_THREADS) when Numba is imported, else None."""
-    numba = sys.modules.get("numba")
-    if numba is None:
-        return None
-    return int(numba.config.NUMBA_NUM_THREADS)
-
-
 def default_threads(environ: MutableMapping[str, str] | None = None) -> int:
     """Compute threads when a model is loaded without ``threads``: $PARSICORE_THREADS, else
     $NUMBA_NUM_THREADS (the CLI's board settings export it), else every CPU this process may use."""
@@ -181,22 +175,15 @@ def default_threads(environ: MutableMapping[str, str] | None = None) -> int:
 
 
 def apply(threads: int) -> None:
-    """Make this thread's next kernels use ``threads`` compute threads: OpenBLAS single-threaded (parsicore
-    splits GEMMs itself, see the module docstring), Numba at ``threads`` (per calling thread, only when
-    Numba is imported and threads > 1: a single-threaded run never starts Numba's pool, its kernels run
-    their serial builds)."""
+    """Prepare this thread's next run with ``threads`` compute threads: OpenBLAS single-threaded (parsicore
+    splits GEMMs itself, see the module docstring). Numba's thread count is set by the numba kernels
+    themselves when they take their parallel build (parsicore.kernels.numba_backend.parallel): a run whose
+    kernels all stay serial never starts Numba's pool."""
     lib = openblas()
     if lib is not None and lib.get_num_threads() != 1:
         # Only on change: resizing OpenBLAS's pool while another thread is inside a BLAS call is its one
         # unsafe moment.
         lib.set_num_threads(1)
-    limit = numba_thread_limit()
-    if limit is not None and threads > 1:
-        import numba
-
-        wanted = min(threads, limit)
-        if numba.get_num_threads() != wanted:
-            numba.set_num_threads(wanted)
 
 
 class _Job:

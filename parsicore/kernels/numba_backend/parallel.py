@@ -49,6 +49,11 @@ class KernelPair:
     def __call__(self, threads: int | None, work: int, *args: Any) -> Any:
         if threads != 1 and work >= MIN_PARALLEL_WORK and PARALLEL_GATE.acquire(blocking=False):
             try:
+                # Numba's thread count is per calling thread; set here, so the pool starts only when used.
+                wanted = numba.config.NUMBA_NUM_THREADS if threads is None else min(threads,
+                                                                                   numba.config.NUMBA_NUM_THREADS)
+                if numba.get_num_threads() != wanted:
+                    numba.set_num_threads(wanted)
                 return self.parallel(*args)
             finally:
                 PARALLEL_GATE.release()
