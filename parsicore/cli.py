@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from parsicore.errors import ParsicoreError
 
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 1
+
+#: ``run`` over fewer images than this uses the numpy backend unless a backend is asked for (--backend or
+#: PARSICORE_BACKEND): importing Numba and loading its cached kernels costs ~1 s and ~130 MiB, more than
+#: its faster kernels save on a few images (PERFORMANCE.md, "Start-up").
+RUN_NUMBA_MIN_IMAGES = 256
 
 #: Subcommands defined in other modules: name -> "module:attribute" (imported on use).
 LAZY_COMMANDS: dict[str, str] = {
@@ -66,6 +72,10 @@ def cli(ctx: click.Context, board: str | None) -> None:
 
 backend_option = click.option("--backend", type=click.Choice(["numba", "numpy", "reference"]), default=None,
                               help="Compute backend (default: numba if installed, else numpy).")
+run_backend_option = click.option(
+    "--backend", type=click.Choice(["numba", "numpy", "reference"]), default=None,
+    help=f"Compute backend (default: numpy for fewer than {RUN_NUMBA_MIN_IMAGES} images, which skips Numba's "
+    "start-up; numba if installed for more).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None, help="Compute threads.")
 model_option = click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                             help="Model file (default: the shipped gated Fashion-MNIST model).")
@@ -142,7 +152,7 @@ def _expand_images(paths: Sequence[Path]) -> list[Path]:
               help="Override the LKAM gates' threshold (0..1): higher runs less of the network.")
 @click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Override the top-k gates' keep ratio (0..1].")
-@backend_option
+@run_backend_option
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @click.option("--gate-map", "gate_map_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -151,13 +161,12 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
         keep: float | None, backend: str | None, threads: int | None, as_json: bool,
         gate_map_path: Path | None) -> None:
     """Classify IMAGE(s) (files or directories): top-k labels, latency, fraction of the network run."""
-    from parsicore import drawing
     from parsicore.image import check_preprocessing, load_image
     from parsicore.postprocess import to_probabilities
     from parsicore.postprocess import top_k as top_k_of
 
     paths = _expand_images(images)
-    model = load_model(model_path, backend, threads)
+    model = load_model(model_path, run_backend(backend, len(paths), os.environ), threads)
     pre = check_preprocessing(model.metadata.get("preprocessing"), model.model_file.source)
     labels = model.labels
     kind = model.metadata.get("output_kind", "logits")
@@ -201,6 +210,8 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
                 click.echo(f"  latency {stats.latency_ms:.2f} ms ({model.backend}); MACs executed "
                            f"{stats.macs_executed:,} of {stats.macs_dense:,} ({stats.macs_fraction:.1%}){gated}")
             if gate_map_path is not None:
+                from parsicore import drawing
+
                 target = gate_map_path if len(paths) == 1 else gate_map_path.with_name(
                     f"{gate_map_path.stem}-{path.stem}{gate_map_path.suffix or '.png'}")
                 drawing.gate_map(_gate_layers(model, x, threshold, keep), target)
@@ -212,6 +223,15 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
     if failures:
         click.echo(f"parsicore: {failures} of {len(paths)} image(s) failed", err=True)
         sys.exit(EXIT_BAD_INPUT if failures == len(paths) else EXIT_PARTIAL)
+
+
+def run_backend(asked: str | None, images: int, environ: Mapping[str, str]) -> str | None:
+    """The backend ``run`` loads with: the asked one (--backend, else PARSICORE_BACKEND, which a board profile may
+    set); else numpy for fewer than RUN_NUMBA_MIN_IMAGES images; else None (the library default, numba if
+    installed)."""
+    if asked is not None or environ.get("PARSICORE_BACKEND"):
+        return asked
+    return "numpy" if images < RUN_NUMBA_MIN_IMAGES else None
 
 
 def _gate_layers(model: Any, x: Any, threshold: float | None, keep: float | None) -> list[tuple[str, Any]]:

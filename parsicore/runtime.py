@@ -168,6 +168,7 @@ class Model:
         self._compute_threads = threads if threads is not None else thread_control.default_threads()
         self._local = threading.local()
         self._infos = _step_infos(plan)
+        thread_control.openblas()  # finds the BLAS (cached) at load time, not in the first call's latency
 
     # ------------------------------------------------------------------ description
     @property

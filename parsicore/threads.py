@@ -79,6 +79,8 @@ def _loaded_libraries() -> list[str]:
         return []
     found: list[str] = []
     for line in lines:
+        if "openblas" not in line.lower():
+            continue
         path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
         if "openblas" in Path(path).name.lower() and path not in found:
             found.append(path)

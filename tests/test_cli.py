@@ -67,6 +67,33 @@ def test_run_directory(capsys, model_path):
     assert code == 0 and len(out.splitlines()) == len(SAMPLES)
 
 
+@pytest.mark.parametrize(("asked", "environ", "images", "expected"), [
+    (None, {}, 1, "numpy"),
+    (None, {}, 255, "numpy"),
+    (None, {}, 256, None),
+    ("numba", {}, 1, "numba"),
+    ("reference", {}, 1000, "reference"),
+    (None, {"PARSICORE_BACKEND": "numba"}, 1, None),
+])
+def test_run_backend_policy(asked, environ, images, expected):
+    from parsicore.cli import RUN_NUMBA_MIN_IMAGES, run_backend
+
+    assert RUN_NUMBA_MIN_IMAGES == 256
+    assert run_backend(asked, images, environ) == expected
+
+
+def test_run_reports_the_backend_it_used(capsys, model_path, monkeypatch):
+    monkeypatch.delenv("PARSICORE_BACKEND", raising=False)
+    _, out, _ = run_cli(capsys, "run", str(SAMPLES[0]), "--model", str(model_path), "--json")
+    assert json.loads(out)["backend"] == "numpy"
+    pytest.importorskip("numba")
+    _, out, _ = run_cli(capsys, "run", str(SAMPLES[0]), "--model", str(model_path), "--json", "--backend", "numba")
+    assert json.loads(out)["backend"] == "numba"
+    monkeypatch.setenv("PARSICORE_BACKEND", "numba")
+    _, out, _ = run_cli(capsys, "run", str(SAMPLES[0]), "--model", str(model_path), "--json")
+    assert json.loads(out)["backend"] == "numba"
+
+
 def test_run_matches_api(capsys, model_path):
     import parsicore
     from parsicore.image import check_preprocessing, load_image
