@@ -8,6 +8,10 @@ How a run is made fair:
 - Same input: standard-normal float32 of the model's input shape, from a fixed seed.
 - Same threads: ``parsicore.load(threads=N)`` (and BLAS limited to N through threadpoolctl when installed),
   ONNX Runtime ``intra_op_num_threads=N, inter_op_num_threads=1``, ``torch.set_num_threads(N)``.
+- No spinning between calls: ONNX Runtime's pool threads are told not to spin-wait after a call
+  (``session.intra_op.allow_spinning = 0``), as parsicore's and PyTorch's OpenMP threads already sleep
+  (``OMP_WAIT_POLICY=PASSIVE``). Spinning threads would hold the cores during the next engine's call in
+  the alternation and slow it, which says nothing about either engine.
 - Interleaved: one call of each engine in turn (parsicore, onnxruntime, torch, parsicore, ...), so a load
   change on a shared machine hits every engine alike; the first ``warmup`` rounds are not recorded.
 
@@ -218,6 +222,8 @@ def ort_session(onnx_path: Path, threads: int) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -381,6 +387,8 @@ opts.intra_op_num_threads = job["threads"]
 opts.inter_op_num_threads = 1
 opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
 session = ort.InferenceSession(job["onnx"], opts, providers=["CPUExecutionProvider"])
 for _ in range(job["runs"]):
     session.run(None, feeds)

@@ -158,3 +158,16 @@ def test_missing_model_exit_2_one_line(capsys: Any, tmp_path: Path) -> None:
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("parsicore: error:") and "absent.h5" in lines[0]
+
+
+def test_onnxruntime_threads_do_not_spin_between_calls(model_path: Path, tmp_path: Path) -> None:
+    """Spinning pool threads would hold the cores during the next engine's call of the alternation."""
+    pytest.importorskip("onnxruntime")
+    from parsicore.format import read_model
+
+    onnx_path = bench.export_for_onnxruntime(read_model(model_path), tmp_path / "m.onnx", bench.BenchConfig(threads=2))
+    options = bench.ort_session(onnx_path, 2).get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert 'allow_spinning", "0"' in bench._CHILDREN["onnxruntime"]  # the isolated RSS child uses the same settings
