@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
 
-from parsicore.errors import BackendError, InputError
+from parsicore.errors import BackendError, InputError, ModelFormatError
 from parsicore.format import ModelFile, read_model
 from parsicore.graph import Graph
 from parsicore.kernels import BACKENDS, default_backend
@@ -43,7 +44,28 @@ def load(path: str | os.PathLike[str] | ModelFile | None = None, backend: str | 
         raise BackendError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    model_file = path if isinstance(path, ModelFile) else read_model(default_model_path() if path is None else path)
+    if isinstance(path, ModelFile):
+        model_file, reload = path, None  # the caller holds its arrays anyway: nothing to release
+    else:
+        file_path = Path(default_model_path() if path is None else path)
+        stamp = _stamp(file_path)
+        model_file = read_model(file_path)
+        reload = functools.partial(_read_again, file_path, stamp)
     graph = Graph.from_model_file(model_file)
-    plan = build_plan(graph, backend, fold=fold)
-    return Model(model_file, graph, plan, threads=threads)
+    plan = build_plan(graph, backend, fold=fold, release_folded=reload is not None)
+    return Model(model_file, graph, plan, threads=threads, reload=reload)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # read_model reports the missing file
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_again(path: Path, stamp: tuple[int, int] | None) -> ModelFile:
+    """The model file read again for Model.model_file/graph; ModelFormatError if it changed since the load."""
+    if _stamp(path) != stamp:
+        raise ModelFormatError(f"{path}: the file changed since the model was loaded; load it again")
+    return read_model(path)

@@ -167,7 +167,7 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
 
     paths = _expand_images(images)
     model = load_model(model_path, run_backend(backend, len(paths), os.environ), threads)
-    pre = check_preprocessing(model.metadata.get("preprocessing"), model.model_file.source)
+    pre = check_preprocessing(model.metadata.get("preprocessing"), model.source)
     labels = model.labels
     kind = model.metadata.get("output_kind", "logits")
     failures = 0

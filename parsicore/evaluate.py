@@ -28,7 +28,7 @@ class EvalPoint:
 def evaluate(model: Model, data: LabelledSet, thresholds: Sequence[float | None], batch: int = 256,
              progress: Callable[[int], None] | None = None) -> list[EvalPoint]:
     """Run ``model`` over ``data`` once per threshold; ``progress(k)`` is told of k more images done."""
-    pre = check_preprocessing(model.metadata.get("preprocessing"), model.model_file.source)
+    pre = check_preprocessing(model.metadata.get("preprocessing"), model.source)
     points = []
     for threshold in thresholds:
         correct, executed, dense, conv_executed, conv_dense = 0, 0, 0, 0, 0

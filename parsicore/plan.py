@@ -88,8 +88,12 @@ def _activation_of(node: Node) -> Activation | None:
     return to_act(node.attrs) if to_act else None
 
 
-def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
-    """Build the executable plan of ``graph`` for ``backend``. ``fold=False`` keeps BN/activations separate."""
+def build_plan(graph: Graph, backend: str, fold: bool = True, release_folded: bool = False) -> Plan:
+    """Build the executable plan of ``graph`` for ``backend``. ``fold=False`` keeps BN/activations separate.
+
+    release_folded: the caller owns ``graph`` and its model file and drops them after planning (parsicore.load):
+    each conv's and BatchNorm's weight dict is emptied as soon as the folded copy exists, so the original
+    arrays are freed one layer at a time instead of living beside all the folded ones until the end."""
     table = factories(backend)
     consumers = graph.consumers()
     model_outputs = set(graph.outputs)
@@ -120,6 +124,11 @@ def build_plan(graph: Graph, backend: str, fold: bool = True) -> Plan:
                     raise GraphError(f"{graph.source}: node {nxt.name!r} (BatchNorm): {e}") from e
                 d.weights["weight"] = fw if w.ndim == 4 else fw[:, :, 0, 0]
                 d.weights["bias"] = fb
+                if release_folded:
+                    for folded in (d.node.weights, nxt.weights):
+                        if isinstance(folded, dict):
+                            folded.clear()
+                del w, w4
                 d.out, d.names = nxt.outputs, d.names + [nxt.name]
                 d.epilogue_macs += nxt.macs
                 draft_of[nxt.name].removed = True

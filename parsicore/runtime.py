@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -159,9 +159,19 @@ class _Workspace(NamedTuple):
 class Model:
     """A loaded model. Call it: ``model(x)`` / ``model.run(x, threshold=..., keep=...)``."""
 
-    def __init__(self, model_file: ModelFile, graph: Graph, plan: Plan, threads: int | None = None) -> None:
+    def __init__(self, model_file: ModelFile, graph: Graph, plan: Plan, threads: int | None = None,
+                 reload: Callable[[], ModelFile] | None = None) -> None:
+        """reload: reads the model file again. Given, the Model drops its references to the file's weight arrays:
+        the plan's kernels hold every weight they need (BN-folded copies, packed layouts), so keeping the
+        originals too would nearly double the model's memory. ``model_file``/``graph`` then read the file again
+        on first use (the weights checksum and exports need them; running does not)."""
+        if reload is not None:
+            model_file = replace(model_file, weights={})
+            graph = replace(graph, model=model_file, nodes=tuple(replace(n, weights={}) for n in graph.nodes))
         self._file = model_file
         self._graph = graph
+        self._reload = reload
+        self._reloaded: tuple[ModelFile, Graph] | None = None
         self._plan = plan
         self._threads = threads
         # The run's compute threads: the asked-for count, else the default (CPUs, or the board's setting).
@@ -196,8 +206,14 @@ class Model:
         return dict(self._file.metadata)
 
     @property
+    def source(self) -> str:
+        """Where the model came from (a path, or "<memory>")."""
+        return self._file.source
+
+    @property
     def graph(self) -> Graph:
-        return self._graph
+        """The validated graph, weights included (read again from the file when the load released them)."""
+        return self._with_weights()[1]
 
     @property
     def plan(self) -> Plan:
@@ -205,7 +221,16 @@ class Model:
 
     @property
     def model_file(self) -> ModelFile:
-        return self._file
+        """Everything in the model file, weights included (read again from the file when the load released them)."""
+        return self._with_weights()[0]
+
+    def _with_weights(self) -> tuple[ModelFile, Graph]:
+        if self._reload is None:
+            return self._file, self._graph
+        if self._reloaded is None:
+            model_file = self._reload()
+            self._reloaded = (model_file, Graph.from_model_file(model_file))
+        return self._reloaded
 
     @property
     def last_stats(self) -> RunStats | None:

@@ -182,3 +182,47 @@ def test_model_description():
     assert m.outputs[0].shape == (None, 10)
     assert m.labels[0] == "T-shirt/top"
     assert m.metadata["license"] == "MIT"
+
+
+def test_load_from_a_path_releases_the_folded_originals(tmp_path, monkeypatch):
+    """The plan holds BN-folded copies; the file's own conv and BN arrays must not stay alive beside them, yet
+    model_file/graph still give the file's weights (read again) and the run equals one that kept them."""
+    import gc
+    import weakref
+
+    from parsicore import api
+    from parsicore.errors import ModelFormatError
+    from parsicore.format import read_model
+
+    path = tmp_path / "m.h5"
+    small_cnn(3).save(path)
+    read = {}
+
+    def spy(p):
+        read["file"] = read_model(p)
+        return read["file"]
+
+    monkeypatch.setattr(api, "read_model", spy)
+    model = parsicore.load(path, backend="numpy")
+    monkeypatch.undo()
+    file_weights = read.pop("file").weights
+    conv1 = {k: weakref.ref(v) for k, v in file_weights["conv1"].items()}
+    bn = {k: weakref.ref(v) for k, v in file_weights["bn1"].items()}
+    del file_weights
+    gc.collect()
+    assert all(r() is None for r in conv1.values()), "the folded conv's original weights are still alive"
+    assert all(r() is None for r in bn.values()), "the folded BatchNorm's arrays are still alive"
+
+    kept = parsicore.load(read_model(path), backend="numpy")  # a caller-owned ModelFile: nothing released
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), kept(x))
+    reference = read_model(path)
+    for node, arrays in reference.weights.items():
+        for name, arr in arrays.items():
+            np.testing.assert_array_equal(model.model_file.weights[node][name], arr)
+    assert model.graph.total_params == kept.graph.total_params > 0
+
+    fresh = parsicore.load(path, backend="numpy")
+    small_cnn(4).save(path)  # the file changes under a loaded model: its weights cannot be read again
+    with pytest.raises(ModelFormatError, match="changed since the model was loaded"):
+        fresh.model_file  # noqa: B018
