@@ -32,6 +32,13 @@ from parsicore.export.torch_modules import LKAMGate  # noqa: E402
 PRODUCER = f"scripts/train_fashion_gated.py (PyTorch {torch.__version__})"
 
 
+def _command(argv: list[str]) -> str:
+    """The training command as a reader types it from the repository root (no machine-specific path)."""
+    if not argv:
+        return ""
+    return " ".join(["python", f"scripts/{Path(argv[0]).name}", *argv[1:]])
+
+
 def load_npz(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(meta dict, arrays) of a training run's .npz (no pickle)."""
     with np.load(path, allow_pickle=False) as z:
@@ -69,7 +76,7 @@ def build(model: GatedNet, meta: dict[str, Any], selftest: np.ndarray | None = N
     b.set_metadata(
         output_kind="logits",
         architecture=cfg.to_dict(),
-        training={"command": " ".join(meta.get("argv", [])), "seed": meta.get("args", {}).get("seed")},
+        training={"command": _command(meta.get("argv", [])), "seed": meta.get("args", {}).get("seed")},
         test_accuracy=final.get("accuracy"),
         test_mac_fraction=final.get("mac_fraction"),
         test_mac_fraction_with_gates=final.get("mac_fraction_with_gates"),

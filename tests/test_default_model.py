@@ -54,7 +54,7 @@ def test_model_card_states_the_metadata_figures():
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_eval_reproduces_the_model_card(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["eval", str(default_model_path()), str(FASHION), "--json", "--backend", "numpy"])
+        main(["eval", str(default_model_path()), str(FASHION), "--json"])  # the default backend
     assert info.value.code == 0
     point = json.loads(capsys.readouterr().out)["points"][0]
     meta = parsicore.load(backend="numpy").metadata
@@ -62,4 +62,6 @@ def test_eval_reproduces_the_model_card(capsys):
     # PyTorch and parsicore may disagree on an image or two whose logits tie within float noise.
     assert abs(point["accuracy"] - meta["test_accuracy"]) <= 0.0005
     assert abs(point["conv_macs_fraction"] - meta["test_mac_fraction"]) <= 0.002
+    # The project's target for the default model, as the engine measures it.
+    assert point["accuracy"] >= 0.925 and point["conv_macs_fraction"] <= 0.40
     assert re.search(r"\b0\.5\b", json.dumps(meta.get("architecture", {})))
