@@ -23,8 +23,9 @@ from typing import Any
 
 import numba
 
-#: Below this many elements of work a kernel runs serially even when threads are allowed.
-MIN_PARALLEL_WORK = 1 << 16
+#: Below this many elements of work a kernel runs serially even when threads are allowed (tuned with
+#: numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1).
+MIN_PARALLEL_WORK = 1 << 18
 
 #: Held while a parallel build runs. Module-level on purpose: Numba's thread pool is one per process.
 PARALLEL_GATE = threading.Lock()

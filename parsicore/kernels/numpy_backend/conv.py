@@ -27,7 +27,10 @@ from parsicore.kernels.numpy_backend import winograd
 from parsicore.threads import run_chunks
 
 #: GEMMs of at least this many MACs are split over the run's threads (below, waking a helper costs more).
-PARALLEL_GEMM_MACS = 1 << 21
+#: Tuned with MIN_PARALLEL_WORK (numba_backend/parallel.py) on 2 cores: at 2^21 every 28x28/32x32 model ran
+#: 10-40 % slower with 2 threads than with 1; at 2^23 they run as fast as with 1, and ResNet-18/MobileNetV2
+#: 224 still gain (PERFORMANCE.md, "Thread thresholds").
+PARALLEL_GEMM_MACS = 1 << 23
 #: Fewest rows per row block when a GEMM is split by rows (else it is split by columns).
 GEMM_CHUNK = 32
 
