@@ -20,19 +20,11 @@ from parsicore.export import onnx_export  # noqa: E402
 from parsicore.export.onnx_export import export_onnx  # noqa: E402
 from parsicore.format import ModelFile  # noqa: E402
 from parsicore.ops import OPS  # noqa: E402
+from tests.export._compare import GATED_VARIANTS, assert_outputs_close, model_input  # noqa: E402
 from tests.export._parsicore_zoo import zoo_model  # noqa: E402
 from tests.models import gated_cnn, small_cnn  # noqa: E402
 
-RTOL = 1e-4
-
-GATED_VARIANTS = {
-    "lkam-hard-2banks": {},
-    "lkam-scaled-1bank-3x3": {"mode": "scaled", "two_banks": False, "gate_kernel": 3},
-    "lkam-mostly-off": {"offset": -2.0},
-    "topk-scaled": {"gate": "topk"},
-    "topk-hard": {"gate": "topk", "scaled": False, "keep_ratio": 0.3},
-    "topk-ties": {"gate": "topk", "scaled": False, "offset": -50.0},  # every saliency relu'd to 0: all tie
-}
+GATED_VARIANTS = {**GATED_VARIANTS, "lkam-mostly-off": {"offset": -2.0}}
 
 
 def _ort_outputs(model_file: ModelFile, x: np.ndarray, **overrides: float) -> dict[str, np.ndarray]:
@@ -40,19 +32,6 @@ def _ort_outputs(model_file: ModelFile, x: np.ndarray, **overrides: float) -> di
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {model_file.inputs[0].name: x})))
-
-
-def _assert_close(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for name, value in ours.items():
-        assert theirs[name].shape == value.shape, name
-        scale = max(float(np.abs(value).max()), 1e-6)
-        err = float(np.abs(theirs[name] - value).max()) / scale
-        assert err <= RTOL, f"{name}: max error {err:.3g} of the output scale"
-
-
-def _input(model_file: ModelFile, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *model_file.inputs[0].feature_shape)).astype(np.float32)
 
 
 def test_every_op_has_a_mapping() -> None:
@@ -63,27 +42,27 @@ def test_every_op_has_a_mapping() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_op_zoo_matches_parsicore(seed: int) -> None:
     model_file = zoo_model(seed)
-    x = _input(model_file, 5, seed)
+    x = model_input(model_file, 5, seed)
     ours, stats = load(model_file, backend="numpy").run_with_stats(x)
     assert 0.0 < stats.macs_fraction < 1.0  # the gates really switch kernels off
-    _assert_close(ours, _ort_outputs(model_file, x))
+    assert_outputs_close(ours, _ort_outputs(model_file, x))
 
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_small_cnn_matches_parsicore(seed: int) -> None:
     model_file = small_cnn(seed).build()
-    x = _input(model_file, 3, seed)
+    x = model_input(model_file, 3, seed)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
-    _assert_close(ours, _ort_outputs(model_file, x))
+    assert_outputs_close(ours, _ort_outputs(model_file, x))
 
 
 @pytest.mark.parametrize("variant", sorted(GATED_VARIANTS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gated_models_match_parsicore(variant: str, seed: int) -> None:
     model_file = gated_cnn(seed=seed, **GATED_VARIANTS[variant])  # type: ignore[arg-type]
-    x = _input(model_file, 6, seed + 10)
+    x = model_input(model_file, 6, seed + 10)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
-    _assert_close(ours, _ort_outputs(model_file, x))
+    assert_outputs_close(ours, _ort_outputs(model_file, x))
 
 
 @pytest.mark.parametrize(("variant", "overrides"), [("lkam-hard-2banks", {"threshold": 0.8}),
@@ -92,12 +71,12 @@ def test_gated_models_match_parsicore(variant: str, seed: int) -> None:
                                                     ("topk-hard", {"keep": 0.9})])
 def test_overrides_are_baked_in(variant: str, overrides: dict[str, float]) -> None:
     model_file = gated_cnn(seed=4, **GATED_VARIANTS[variant])  # type: ignore[arg-type]
-    x = _input(model_file, 4, 5)
+    x = model_input(model_file, 4, 5)
     model = load(model_file, backend="numpy")
     ours, stats = model.run_with_stats(x, **overrides)  # type: ignore[arg-type]
     default, default_stats = model.run_with_stats(x)
     assert stats.macs_executed != default_stats.macs_executed  # the override changes what runs
-    _assert_close(ours, _ort_outputs(model_file, x, **overrides))
+    assert_outputs_close(ours, _ort_outputs(model_file, x, **overrides))
 
 
 @pytest.mark.parametrize("variant", sorted(GATED_VARIANTS))
@@ -108,12 +87,12 @@ def test_import_of_export_round_trips_gated(variant: str) -> None:
     back = import_onnx(export_onnx(model_file), selftest=False)
     kinds = sorted(n.op for n in back.nodes if n.op in ("LKAMGate", "TopKGate", "ChannelMask"))
     assert kinds == sorted(n.op for n in model_file.nodes if n.op in ("LKAMGate", "TopKGate", "ChannelMask"))
-    x = _input(model_file, 6, 7)
+    x = model_input(model_file, 6, 7)
     ours, stats = load(model_file, backend="numpy").run_with_stats(x)
     again, stats_again = load(back, backend="numpy").run_with_stats(x)
     assert len(load(back, backend="numpy").plan.gated_steps) == 2
     assert stats_again.macs_executed == stats.macs_executed
-    _assert_close(ours, {model_file.outputs[0]: next(iter(again.values()))})
+    assert_outputs_close(ours, {model_file.outputs[0]: next(iter(again.values()))})
 
 
 def test_batch_dimension_stays_dynamic(tmp_path: object) -> None:
@@ -122,7 +101,7 @@ def test_batch_dimension_stays_dynamic(tmp_path: object) -> None:
     export_onnx(model_file, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 3):
-        x = _input(model_file, n, n)
+        x = model_input(model_file, n, n)
         out = session.run(None, {"x": x})[0]
         assert out.shape == (n, 4)
 
@@ -135,9 +114,9 @@ def test_bad_opset_is_one_line_error() -> None:
 @pytest.mark.parametrize("opset", [14, 18])
 def test_other_opsets(opset: int) -> None:
     model_file = gated_cnn(seed=1, gate_kernel=3, two_banks=False)
-    x = _input(model_file, 2, 0)
+    x = model_input(model_file, 2, 0)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
     proto = export_onnx(model_file, opset=opset)
     assert proto.opset_import[0].version == opset
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    _assert_close(ours, {"logits": session.run(None, {"x": x})[0]})
+    assert_outputs_close(ours, {"logits": session.run(None, {"x": x})[0]})

@@ -14,65 +14,42 @@ torch = pytest.importorskip("torch")
 from parsicore.api import load  # noqa: E402
 from parsicore.errors import ConversionError, InputError  # noqa: E402
 from parsicore.export.torch_runner import TorchRunner  # noqa: E402
-from parsicore.format import ModelFile  # noqa: E402
+from tests.export._compare import GATED_VARIANTS, assert_outputs_close, model_input  # noqa: E402
 from tests.export._parsicore_zoo import zoo_model  # noqa: E402
 from tests.models import gated_cnn, small_cnn  # noqa: E402
-
-RTOL = 1e-4
-
-GATED_VARIANTS = {
-    "lkam-hard-2banks": {},
-    "lkam-scaled-1bank-3x3": {"mode": "scaled", "two_banks": False, "gate_kernel": 3},
-    "topk-scaled": {"gate": "topk"},
-    "topk-hard": {"gate": "topk", "scaled": False, "keep_ratio": 0.3},
-    "topk-ties": {"gate": "topk", "scaled": False, "offset": -50.0},  # every saliency relu'd to 0: all tie
-}
-
-
-def _input(model_file: ModelFile, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *model_file.inputs[0].feature_shape)).astype(np.float32)
-
-
-def _assert_close(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for name, value in ours.items():
-        assert theirs[name].shape == value.shape, name
-        scale = max(float(np.abs(value).max()), 1e-6)
-        err = float(np.abs(theirs[name] - value).max()) / scale
-        assert err <= RTOL, f"{name}: max error {err:.3g} of the output scale"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_op_zoo_matches_parsicore(seed: int) -> None:
     model_file = zoo_model(seed)
-    x = _input(model_file, 5, seed)
+    x = model_input(model_file, 5, seed)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
-    _assert_close(ours, TorchRunner(model_file).run(x))
+    assert_outputs_close(ours, TorchRunner(model_file).run(x))
 
 
 def test_small_cnn_matches_parsicore() -> None:
     model_file = small_cnn(3).build()
-    x = _input(model_file, 3, 0)
+    x = model_input(model_file, 3, 0)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
-    _assert_close(ours, TorchRunner(model_file).run(x))
+    assert_outputs_close(ours, TorchRunner(model_file).run(x))
 
 
 @pytest.mark.parametrize("variant", sorted(GATED_VARIANTS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gated_models_match_parsicore(variant: str, seed: int) -> None:
     model_file = gated_cnn(seed=seed, **GATED_VARIANTS[variant])  # type: ignore[arg-type]
-    x = _input(model_file, 6, seed + 10)
+    x = model_input(model_file, 6, seed + 10)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x)
-    _assert_close(ours, TorchRunner(model_file).run(x))
+    assert_outputs_close(ours, TorchRunner(model_file).run(x))
 
 
 @pytest.mark.parametrize(("variant", "overrides"), [("lkam-hard-2banks", {"threshold": 0.8}),
                                                     ("topk-scaled", {"keep": 0.25})])
 def test_overrides(variant: str, overrides: dict[str, float]) -> None:
     model_file = gated_cnn(seed=4, **GATED_VARIANTS[variant])  # type: ignore[arg-type]
-    x = _input(model_file, 4, 5)
+    x = model_input(model_file, 4, 5)
     ours, _ = load(model_file, backend="numpy").run_with_stats(x, **overrides)  # type: ignore[arg-type]
-    _assert_close(ours, TorchRunner(model_file, **overrides).run(x))  # type: ignore[arg-type]
+    assert_outputs_close(ours, TorchRunner(model_file, **overrides).run(x))  # type: ignore[arg-type]
 
 
 def test_module_is_eval_and_threads_are_set() -> None:
