@@ -3,8 +3,6 @@ buffer reuse, and one model called from several threads at once."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -13,6 +11,7 @@ from hypothesis import strategies as st
 import parsicore
 from parsicore.builder import ModelBuilder
 from parsicore.errors import BackendError, InputError
+from tests.concurrency import run_in_threads
 from tests.models import _w, bn_weights, gated_cnn, small_cnn
 from tests.naive import naive_run
 from tests.strategies import backends, seeded_array
@@ -126,21 +125,12 @@ def test_one_model_many_threads_equals_serial(backend):
     inputs = [seeded_array(100 + i, (1 + i % 2, 3, 10, 10)) for i in range(200)]
     serial = [model(x) for x in inputs]
     results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
 
     def worker(k: int) -> None:
-        try:
-            for i in range(k, 200, 4):  # 50 calls per thread, different inputs and batch sizes
-                results[i] = model(inputs[i])
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(k, 200, 4):  # 50 calls per thread, different inputs and batch sizes
+            results[i] = model(inputs[i])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_in_threads(worker, 4)
     for i in range(200):
         np.testing.assert_array_equal(results[i], serial[i])
 

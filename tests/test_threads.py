@@ -7,6 +7,7 @@ import pytest
 
 import parsicore
 from parsicore import threads
+from tests.concurrency import run_in_threads
 from tests.models import small_cnn
 from tests.strategies import seeded_array
 
@@ -105,27 +106,17 @@ def test_run_chunks_reraises_a_chunk_error() -> None:
 
 def test_run_chunks_from_many_callers_at_once() -> None:
     """Several Python threads share the helpers; each caller's job completes with its own results."""
-    import threading
-
     results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
 
     def caller(k: int) -> None:
-        try:
-            for _ in range(50):
-                out = [0] * 16
-                threads.run_chunks(lambda i, out=out: out.__setitem__(i, i * k), 16, 3)
-                assert out == [i * k for i in range(16)]
-            results[k] = out
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(50):
+            out = [0] * 16
+            threads.run_chunks(lambda i, out=out: out.__setitem__(i, i * k), 16, 3)
+            assert out == [i * k for i in range(16)]
+        results[k] = out
 
-    workers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    assert not errors and len(results) == 4
+    run_in_threads(caller, 4)
+    assert len(results) == 4
 
 
 def test_single_threaded_numba_run_matches_default() -> None:

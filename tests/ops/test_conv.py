@@ -13,6 +13,7 @@ from parsicore.kernels.base import ACTIVATION_KINDS, KernelSpec, apply_activatio
 from parsicore.kernels.numpy_backend.conv import ConvGeometry, conv_path
 from parsicore.ops.base import parse_attrs
 from parsicore.ops.conv import ConvAttrs, ConvOp
+from tests.concurrency import run_in_threads
 from tests.ops._strategies_conv import (
     ConvCase,
     activation_of_kind,
@@ -355,7 +356,6 @@ def test_conv_scratch_is_allocated_once(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_one_kernel_many_threads(backend: str) -> None:
     """One kernel (one shared context) called from several threads at once: each thread has its own scratch."""
-    import threading
 
     from parsicore.kernels.base import KernelContext
 
@@ -368,24 +368,15 @@ def test_conv_one_kernel_many_threads(backend: str) -> None:
     for x in inputs:
         want, _ = expected(ConvCase(case.attrs, x, case.weight, case.bias, None, case.out_shape))
         wants.append(want)
-    errors: list[BaseException] = []
 
     def worker(k: int) -> None:
-        try:
-            y = np.empty((1, *case.out_shape), dtype=np.float32)
-            for _ in range(20):
-                for i in range(k, 8, 4):
-                    kernel([inputs[i]], [y], active_in=[np.arange(8)] if i % 2 else None)
-                    np.testing.assert_allclose(y, wants[i], rtol=1e-4, atol=1e-4)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        y = np.empty((1, *case.out_shape), dtype=np.float32)
+        for _ in range(20):
+            for i in range(k, 8, 4):
+                kernel([inputs[i]], [y], active_in=[np.arange(8)] if i % 2 else None)
+                np.testing.assert_allclose(y, wants[i], rtol=1e-4, atol=1e-4)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(worker, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
