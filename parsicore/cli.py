@@ -168,6 +168,14 @@ def run(images: tuple[Path, ...], model_path: Path | None, top_k: int, threshold
     paths = _expand_images(images)
     model = load_model(model_path, run_backend(backend, len(paths), os.environ), threads)
     pre = check_preprocessing(model.metadata.get("preprocessing"), model.source)
+    if model.backend == "numba":
+        # Loading Numba's cached kernels (or compiling them) happens on their first call: ~1 s that
+        # would otherwise be reported as the first image's latency.
+        from parsicore.cli_warmup import compile_kernels
+
+        ready = compile_kernels(model)
+        click.echo(f"parsicore: notice: numba kernels ready in {ready:.2f} s (loaded from the cache or compiled; "
+                   f"not part of the latencies below)", err=True)
     labels = model.labels
     kind = model.metadata.get("output_kind", "logits")
     failures = 0

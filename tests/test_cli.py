@@ -94,6 +94,36 @@ def test_run_reports_the_backend_it_used(capsys, model_path, monkeypatch):
     assert json.loads(out)["backend"] == "numba"
 
 
+def test_run_loads_numba_kernels_before_the_first_timed_image(capsys, monkeypatch):
+    """With the numba backend, run calls the model on other input for every gate setting (so every kernel, gated
+    and dense, is compiled or loaded) before it times the image, and says so on stderr; numpy needs no warm-up."""
+    pytest.importorskip("numba")
+    import parsicore
+    from parsicore.cli_warmup import GATE_SETTINGS
+    from parsicore.image import check_preprocessing, load_image
+    from parsicore.runtime import Model
+
+    default = parsicore.load(None, backend="numpy")
+    image = load_image(SAMPLES[0], check_preprocessing(default.metadata["preprocessing"]))
+    calls: list[tuple[bool, float | None, float | None]] = []
+    original = Model.run_with_stats
+
+    def recording(self, x, threshold=None, keep=None, **kwargs):
+        feed = next(iter(x.values())) if isinstance(x, dict) else x
+        calls.append((not np.array_equal(feed, image), threshold, keep))
+        return original(self, x, threshold=threshold, keep=keep, **kwargs)
+
+    monkeypatch.setattr(Model, "run_with_stats", recording)
+    code, out, err = run_cli(capsys, "run", str(SAMPLES[0]), "--json", "--backend", "numba")
+    assert code == 0 and json.loads(out)["backend"] == "numba"
+    assert calls == [(True, t, k) for t, k in GATE_SETTINGS] + [(False, None, None)]
+    notices = [line for line in err.splitlines() if "numba kernels ready in" in line]
+    assert len(notices) == 1 and notices[0].startswith("parsicore: notice:")
+    calls.clear()
+    code, _, err = run_cli(capsys, "run", str(SAMPLES[0]), "--json", "--backend", "numpy")
+    assert code == 0 and calls == [(False, None, None)] and "kernels ready" not in err
+
+
 def test_run_matches_api(capsys, model_path):
     import parsicore
     from parsicore.image import check_preprocessing, load_image
