@@ -159,14 +159,20 @@ def pool_cases(draw: st.DrawFn, op: str, torch_compatible: bool = False) -> Pool
 
 
 @st.composite
-def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_000) -> ConvCase:
+def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_000,
+                    taps3x3: bool = False) -> ConvCase:
     """A depthwise Conv whose output plane has between min_pixels and max_pixels positions (the numba
-    backend picks its depthwise kernel by output size): spatial up to 24, strides 1..3, dilation 1..2."""
+    backend picks its depthwise kernel by output size): spatial up to 24, strides 1..3, dilation 1..2.
+    taps3x3: only 3x3 kernels, dilation 1, the same stride 1 or 2 both ways (the numba 3x3 kernel's cases)."""
     n = draw(st.integers(1, 2))
     c = draw(st.integers(1, 12))
-    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    if taps3x3:
+        kernel, dilation = (3, 3), (1, 1)
+        stride = (draw(st.integers(1, 2)),) * 2
+    else:
+        kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
     h = max(draw(st.integers(1, 24)), dilation[0] * (kernel[0] - 1) + 1 - pads[0] - pads[2], 1)
     w = max(draw(st.integers(1, 24)), dilation[1] * (kernel[1] - 1) + 1 - pads[1] - pads[3], 1)

@@ -197,16 +197,17 @@ def test_conv_winograd_gated_calls_by_tile_count(backend: str, size: int) -> Non
     assert_close(run_kernel(backend, case), want, scale)
 
 
-@pytest.mark.parametrize("path", ["planes", "blocks"])
+@pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3"])
 @given(data=st.data())
 def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObject) -> None:
-    """The numba backend's two depthwise kernels, dense and gated: flat padded planes for large outputs,
-    channels-last blocks for output planes of at most SMALL_PLANE pixels."""
+    """The numba backend's three depthwise kernels, dense and gated: 3x3 taps in one pass over phase planes
+    (dilation 1, stride 1 or 2), else flat padded planes for large outputs and channels-last blocks for
+    output planes of at most SMALL_PLANE pixels."""
     numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
     small = numba_conv.SMALL_PLANE
-    bounds = {"planes": (small + 1, 10_000), "blocks": (1, small)}[path]
-    case = data.draw(depthwise_cases(*bounds))
-    assert numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == path
+    bounds = {"planes": (small + 1, 10_000), "blocks": (1, small), "taps3x3": (1, 10_000)}[path]
+    case = data.draw(depthwise_cases(*bounds, taps3x3=path == "taps3x3"))
+    assume(numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == path)
     n, c = case.x.shape[:2]
     gating = data.draw(st.sampled_from(["dense", "rows", "columns", "both"]))
     active_out = data.draw(channel_lists(c, n)) if gating in ("rows", "both") else None

@@ -47,6 +47,18 @@ def test_conv_depthwise_planes_parallel_build_matches_reference(case) -> None:
 
 
 @given(data=st.data())
+def test_conv_depthwise_3x3_parallel_build_matches_reference(data: st.DataObject) -> None:
+    """The 3x3 kernel's chunks of channels on the pool's threads, dense and gated."""
+    case = data.draw(depthwise_cases(taps3x3=True))
+    n, c = case.x.shape[:2]
+    active_out = data.draw(st.one_of(st.none(), channel_lists(c, n)))
+    active_in = data.draw(st.one_of(st.none(), channel_lists(c, n)))
+    x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(run_kernel("numba", case, x, active_out=active_out, active_in=active_in), want, scale)
+
+
+@given(data=st.data())
 def test_conv_winograd_parallel_build_matches_reference(data: st.DataObject) -> None:
     case = data.draw(winograd_cases())
     n = case.x.shape[0]
