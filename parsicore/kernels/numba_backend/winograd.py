@@ -46,7 +46,8 @@ def _input_kernel(x, channels, top, left, tiles_h, pitch, out):
     length = tiles_h * pitch
     for s in numba.prange(n_sel):
         src_plane = x[channels[s]]
-        phases = np.zeros((2, 2, plane), dtype=np.float32)
+        # + 1: the last tile row's padding column (q = length - 1) reads one element past a phase plane
+        phases = np.zeros((2, 2, plane + 1), dtype=np.float32)
         for ih in range(h):
             row = ih + top
             if row >= 2 * phase_rows:
