@@ -225,6 +225,10 @@ def gather_transformed(u: np.ndarray, rows: np.ndarray | None, channels: np.ndar
                        context: KernelContext | None = None) -> None:
     """As numpy_backend.winograd.gather_transformed."""
     _, k, c = u.shape
+    if channels is None and rows is not None:
+        # Whole rows: NumPy copies each as one block (measured 0.5-0.7x the element loop at 128-256 channels).
+        np.take(u, rows, axis=1, out=out)
+        return
     rows = all_indices(k) if rows is None else rows
     channels = all_indices(c) if channels is None else channels
     _gather_kernel(_threads(context), out.size, u, rows, channels, out)
