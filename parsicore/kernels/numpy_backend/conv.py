@@ -422,8 +422,10 @@ class ConvKernel:
 
     def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """out = a @ b (2-D, or a stack of 16 Winograd slices), split over the run's threads when large: by
-        slices, else by row blocks of a/out, else (few rows) by column blocks of b/out. BLAS itself runs
-        single-threaded (see parsicore.threads)."""
+        slices, else by row blocks of a/out when a has enough rows and is the larger operand, else by column
+        blocks of b/out. BLAS packs the whole of the operand a chunk shares with the others, once per chunk:
+        split by rows, ResNet-18's stem (a 64x147, b 147x12544) packed b four times and took as long with 2
+        threads as with 1. BLAS itself runs single-threaded (see parsicore.threads)."""
         threads = self.context.threads
         macs = out.size * a.shape[-1]
         if threads is None or threads <= 1 or macs < PARALLEL_GEMM_MACS:
@@ -436,7 +438,7 @@ class ConvKernel:
             def task(i: int) -> None:
                 s = slice(i * step, (i + 1) * step)
                 np.matmul(a[s], b[s], out=out[s])
-        elif a.shape[0] >= GEMM_CHUNK * threads:
+        elif a.shape[0] >= GEMM_CHUNK * threads and a.size >= b.size:
             step = -(-a.shape[0] // (2 * threads))
             count = -(-a.shape[0] // step)
 
