@@ -202,6 +202,13 @@ def _multiply_add(acc, src, weight):
         acc[t] += src[t] * weight
 
 
+@jit_inline
+def _fill_skipped(plane, mode, b, code, alpha, beta, lo, hi):
+    """A gated depthwise output plane (float32 (Ho, Wo)) that needs no computing: 0 (MODE_ZERO) or act(bias)
+    (MODE_BIAS)."""
+    plane[:, :] = 0.0 if mode == MODE_ZERO else activate_value(b, code, alpha, beta, lo, hi)
+
+
 @serial_and_parallel
 def _depthwise_planes_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h, dil_w, top, left, phase_rows,
                              pitch, code, alpha, beta, lo, hi, out):
@@ -223,12 +230,8 @@ def _depthwise_planes_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h,
     for task in numba.prange(n_images * c_count):
         n = task // c_count
         c = task % c_count
-        mode = modes[n, c]
-        if mode == MODE_ZERO:
-            out[n, c, :, :] = 0.0
-            continue
-        if mode == MODE_BIAS:
-            out[n, c, :, :] = activate_value(bias[c], code, alpha, beta, lo, hi)
+        if modes[n, c] != MODE_COMPUTE:
+            _fill_skipped(out[n, c], modes[n, c], bias[c], code, alpha, beta, lo, hi)
             continue
         phases = np.zeros(stride_h * plane, dtype=np.float32)
         for ih in range(h):
@@ -292,12 +295,8 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
         for task in range(chunk * per_chunk, min(tasks, (chunk + 1) * per_chunk)):
             n = task // c_count
             c = task % c_count
-            mode = modes[n, c]
-            if mode == MODE_ZERO:
-                out[n, c, :, :] = 0.0
-                continue
-            if mode == MODE_BIAS:
-                out[n, c, :, :] = activate_value(bias[c], code, alpha, beta, lo, hi)
+            if modes[n, c] != MODE_COMPUTE:
+                _fill_skipped(out[n, c], modes[n, c], bias[c], code, alpha, beta, lo, hi)
                 continue
             source = u(task) * u(h) * u(w)
             for ih in range(h):

@@ -20,7 +20,22 @@ import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend.epilogue import activation_params, all_indices, finish_row, zeros
-from parsicore.kernels.numba_backend.parallel import serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import jit_inline, serial_and_parallel
+
+
+@jit_inline
+def _b_transpose(src, s0, s1, s2, s3, dst, d0, d1, d2, d3, length):
+    """B^T applied to four planes of ``length`` floats at offsets s0..s3 of src (unsigned), written at d0..d3
+    of dst: (v0 - v2, v1 + v2, v2 - v1, v1 - v3). Rows of a tile (B^T d), then its columns ((.) B)."""
+    for q in range(length):
+        v0 = src[s0 + q]
+        v1 = src[s1 + q]
+        v2 = src[s2 + q]
+        v3 = src[s3 + q]
+        dst[d0 + q] = v0 - v2
+        dst[d1 + q] = v1 + v2
+        dst[d2 + q] = v2 - v1
+        dst[d3 + q] = v1 - v3
 
 
 @serial_and_parallel
@@ -76,15 +91,7 @@ def _input_kernel(x, channels, top, left, tiles_h, pitch, chunks, out):
                 e1 = u(4 + j) * length
                 e2 = u(8 + j) * length
                 e3 = u(12 + j) * length
-                for q in range(length):
-                    v0 = phases[d0 + q]
-                    v1 = phases[d1 + q]
-                    v2 = phases[d2 + q]
-                    v3 = phases[d3 + q]
-                    e[e0 + q] = v0 - v2
-                    e[e1 + q] = v1 + v2
-                    e[e2 + q] = v2 - v1
-                    e[e3 + q] = v1 - v3
+                _b_transpose(phases, d0, d1, d2, d3, e, e0, e1, e2, e3, length)
             base = u(s) * length
             for a in range(4):
                 f0 = u(4 * a) * length
@@ -95,15 +102,7 @@ def _input_kernel(x, channels, top, left, tiles_h, pitch, chunks, out):
                 o1 = o0 + stride_xi
                 o2 = o1 + stride_xi
                 o3 = o2 + stride_xi
-                for q in range(length):
-                    v0 = e[f0 + q]
-                    v1 = e[f1 + q]
-                    v2 = e[f2 + q]
-                    v3 = e[f3 + q]
-                    of[o0 + q] = v0 - v2
-                    of[o1 + q] = v1 + v2
-                    of[o2 + q] = v2 - v1
-                    of[o3 + q] = v1 - v3
+                _b_transpose(e, f0, f1, f2, f3, of, o0, o1, o2, o3, length)
 
 
 @serial_and_parallel
