@@ -32,7 +32,7 @@ from parsicore.kernels.numba_backend.epilogue import (
     scatter_rows,
     zeros,
 )
-from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, chunk_count, jit, jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.conv import (
     MODE_BIAS,
     MODE_COMPUTE,
@@ -278,7 +278,6 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     length = u(ho) * p
     xf = x.reshape(-1)
     tasks = n_images * c_count
-    per_chunk = (tasks + chunks - 1) // chunks
     # Tap (i, j) reads phase (i % s, j % s) at row i // s, column j // s of the output's own position.
     o0 = u(0)
     o1 = ((u(1) % s) * plane + u(1) // s)
@@ -292,7 +291,8 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     for chunk in numba.prange(chunks):
         phases = np.zeros(int(s * s * plane), dtype=np.float32)
         acc = np.empty(int(length), dtype=np.float32)
-        for task in range(chunk * per_chunk, min(tasks, (chunk + 1) * per_chunk)):
+        start, stop = chunk_bounds(chunk, chunks, tasks)
+        for task in range(start, stop):
             n = task // c_count
             c = task % c_count
             if modes[n, c] != MODE_COMPUTE:
@@ -404,11 +404,6 @@ def _depthwise_blocks_kernel(x, filters_t, bias, compute, stride_h, stride_w, di
 SMALL_PLANE = 64
 
 
-#: Most chunks of channels the 3x3 kernel makes (each allocates its own planes; more chunks than threads
-#: only balance the load).
-DEPTHWISE_CHUNKS = 16
-
-
 def depthwise_path(geom: ConvGeometry) -> str:
     """Which depthwise kernel serves ``geom``: ``taps3x3`` (3x3, dilation 1, stride 1 or 2 both ways: measured
     0.5-0.9x the time of the other two at MobileNetV2's shapes, 7x7 to 112x112), else ``blocks`` (channels-last,
@@ -456,7 +451,7 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
         pitch = max(-(-(g.left + g.w) // sw), g.wo + 2 // sw)
         phase_rows = max(-(-(g.top + g.h) // sh), g.ho + 2 // sh) + 1
         _depthwise_3x3_kernel(threads, out.size * 9, x, filters, bias, modes, sh, g.top, g.left, phase_rows, pitch,
-                              min(DEPTHWISE_CHUNKS, n * g.c), code, alpha, beta, lo, hi, out)
+                              chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
         return
     # Phase planes hold every padded row/column an input lands in and every one a tap reads, + 1 row of
     # slack: the accumulator loop runs past the last output row's last column.

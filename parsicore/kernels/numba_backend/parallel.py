@@ -76,3 +76,20 @@ def jit_inline(py_func: Callable[..., Any]) -> Any:
     passes the same array twice (in-place): out of line, LLVM's run-time alias check fails and the loop
     runs unvectorised (~4x slower); inlined, the caller's code shows the two are one array."""
     return numba.njit(inline="always", **_OPTIONS)(py_func)
+
+
+#: Most chunks a kernel splits its channels into when every chunk allocates its own scratch planes (more
+#: chunks than threads only balance the load between them).
+SCRATCH_CHUNKS = 16
+
+
+def chunk_count(tasks: int) -> int:
+    """How many chunks a kernel with per-chunk scratch splits ``tasks`` channels into (at least 1)."""
+    return max(1, min(SCRATCH_CHUNKS, tasks))
+
+
+@jit_inline
+def chunk_bounds(chunk, chunks, tasks):
+    """The tasks [start, stop) of chunk ``chunk`` of ``chunks`` (as even as possible, in order)."""
+    per_chunk = (tasks + chunks - 1) // chunks
+    return chunk * per_chunk, min(tasks, (chunk + 1) * per_chunk)

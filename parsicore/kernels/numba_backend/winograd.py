@@ -20,7 +20,7 @@ import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend.epilogue import activation_params, all_indices, finish_row, zeros
-from parsicore.kernels.numba_backend.parallel import jit_inline, serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, chunk_count, jit_inline, serial_and_parallel
 
 
 @jit_inline
@@ -36,6 +36,17 @@ def _b_transpose(src, s0, s1, s2, s3, dst, d0, d1, d2, d3, length):
         dst[d1 + q] = v1 + v2
         dst[d2 + q] = v2 - v1
         dst[d3 + q] = v1 - v3
+
+
+@jit_inline
+def _a_transpose(src, s0, s1, s2, s3, dst, d0, d1, length):
+    """A^T applied to four planes of ``length`` floats at offsets s0..s3 of src (unsigned), written at d0, d1
+    of dst: (v0 + v1 + v2, v1 - v2 - v3). A tile's output rows (A^T m), then its output columns ((.) A)."""
+    for q in range(length):
+        v1 = src[s1 + q]
+        v2 = src[s2 + q]
+        dst[d0 + q] = src[s0 + q] + v1 + v2
+        dst[d1 + q] = v1 - v2 - src[s3 + q]
 
 
 @serial_and_parallel
@@ -60,13 +71,13 @@ def _input_kernel(x, channels, top, left, tiles_h, pitch, chunks, out):
     xf = x.reshape(-1)
     of = out.reshape(-1)
     stride_xi = u(n_sel) * length
-    per_chunk = (n_sel + chunks - 1) // chunks
     for chunk in numba.prange(chunks):
         # phase (row parity r, column parity c) at (2r + c) * plane; + 1: the last tile row's padding
         # column reads one element past the last plane
         phases = np.zeros(int(u(4) * plane + u(1)), dtype=np.float32)
         e = np.empty(int(u(16) * length), dtype=np.float32)
-        for s in range(chunk * per_chunk, min(n_sel, (chunk + 1) * per_chunk)):
+        first_channel, stop = chunk_bounds(chunk, chunks, n_sel)
+        for s in range(first_channel, stop):
             source = u(channels[s]) * u(h) * u(w)
             for ih in range(h):
                 row = ih + top
@@ -123,11 +134,11 @@ def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, cod
     stride_xi = u(n_rows) * length
     pairs = wo // 2
     plane_out = u(ho) * u(wo)
-    per_chunk = (k_count + chunks - 1) // chunks
     for chunk in numba.prange(chunks):
         sums = np.empty(int(u(8) * length), dtype=np.float32)
         phase = np.empty(int(u(4) * length), dtype=np.float32)
-        for k in range(chunk * per_chunk, min(k_count, (chunk + 1) * per_chunk)):
+        first_row, stop = chunk_bounds(chunk, chunks, k_count)
+        for k in range(first_row, stop):
             r = np.searchsorted(rows, k)
             y0 = u(k) * plane_out
             if r >= n_rows or rows[r] != k:
@@ -143,11 +154,7 @@ def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, cod
                 m3 = m2 + u(4) * stride_xi
                 s0 = u(col) * length
                 s1 = u(4 + col) * length
-                for q in range(length):
-                    v1 = mf[m1 + q]
-                    v2 = mf[m2 + q]
-                    sums[s0 + q] = mf[m0 + q] + v1 + v2
-                    sums[s1 + q] = v1 - v2 - mf[m3 + q]
+                _a_transpose(mf, m0, m1, m2, m3, sums, s0, s1, length)
             for i in range(2):  # (.) A: the tile's two output columns
                 a0 = u(4 * i) * length
                 a1 = a0 + length
@@ -155,11 +162,7 @@ def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, cod
                 a3 = a2 + length
                 p0 = u(2 * i) * length
                 p1 = p0 + length
-                for q in range(length):
-                    v1 = sums[a1 + q]
-                    v2 = sums[a2 + q]
-                    phase[p0 + q] = sums[a0 + q] + v1 + v2
-                    phase[p1 + q] = v1 - v2 - sums[a3 + q]
+                _a_transpose(sums, a0, a1, a2, a3, phase, p0, p1, length)
             for j in range(4):
                 plane = phase[j * int(length):(j + 1) * int(length)]
                 finish_row(plane, plane, b, code, alpha, beta, lo, hi)
@@ -188,11 +191,6 @@ def _gather_kernel(u, rows, channels, out):
             dst[s] = src[channels[s]]
 
 
-#: Most chunks of channels a transform makes (each allocates its own scratch planes; more chunks than
-#: threads only balance the load).
-CHUNKS = 16
-
-
 def _threads(context: KernelContext | None) -> int | None:
     return None if context is None else context.threads
 
@@ -204,7 +202,7 @@ def input_transform(x: np.ndarray, channels: np.ndarray | None, top: int, left: 
     if channels is None:
         channels = all_indices(x.shape[0])
     _input_kernel(_threads(context), out.size, x, channels, top, left, tiles_h, tiles_w + 1,
-                  min(CHUNKS, channels.shape[0]) or 1, out)
+                  chunk_count(channels.shape[0]), out)
 
 
 def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | None, act: Activation | None,
@@ -217,7 +215,7 @@ def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | 
     has_bias = bias is not None
     bias = bias if has_bias else zeros(k)
     _output_kernel(_threads(context), y.size, m, rows, bias, has_bias, tiles_h, tiles_w, tiles_w + 1,
-                   min(CHUNKS, k) or 1, code, alpha, beta, lo, hi, y)
+                   chunk_count(k), code, alpha, beta, lo, hi, y)
 
 
 def gather_transformed(u: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,
