@@ -22,10 +22,7 @@ parallel = pytest.importorskip("parsicore.kernels.numba_backend.parallel")
 
 @pytest.fixture(autouse=True)
 def _always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from parsicore.kernels.numba_backend import pool as numba_pool
-
     monkeypatch.setattr(parallel, "MIN_PARALLEL_WORK", 0)
-    monkeypatch.setattr(numba_pool, "NUMPY_BELOW", 0)  # the numba pools even for small test inputs
 
 
 @pytest.mark.parametrize("path", ["im2col_gemm", "gemm_1x1", "grouped", "depthwise"])

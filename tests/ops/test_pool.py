@@ -27,16 +27,6 @@ OPS = {op.type: op for op in (MaxPoolOp(), AveragePoolOp(), GlobalAveragePoolOp(
 BACKENDS = backends()
 
 
-@pytest.fixture(autouse=True)
-def _numba_loop_kernels_for_small_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The numba backend hands inputs below NUMPY_BELOW elements to NumPy's pools; the test cases are small,
-    so lower the bar to test the numba kernels themselves."""
-    if "numba" in BACKENDS:
-        from parsicore.kernels.numba_backend import pool as numba_pool
-
-        monkeypatch.setattr(numba_pool, "NUMPY_BELOW", 0)
-
-
 def run_kernel(backend: str, op: str, attrs: object, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
     """The backend's output, starting from a NaN-filled output buffer."""
     spec = KernelSpec(op, attrs, {}, (tuple(x.shape[1:]),), (out_shape,), name="pool")
@@ -198,12 +188,31 @@ def test_zero_channel_stays_zero(backend: str, op: str) -> None:
     assert (got[:, [0, 1, 3]] != 0).any()
 
 
-def test_numba_backend_uses_numpy_pools_below_the_size_bar(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("numba")
-    from parsicore.kernels.numba_backend import pool as numba_pool
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("geometry", [dict(kernel=(2, 2)), dict(kernel=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)),
+                                      dict(kernel=(3, 2), stride=(1, 3), pads=(0, 2, 1, 0), ceil_mode=True)])
+def test_nan_and_infinity_as_the_reference(backend: str, op: str, geometry: dict) -> None:
+    """NaN anywhere in a window gives NaN, +-inf win or lose as numbers, the windows around them unchanged:
+    the numba max pool compares with a vectorisable select and redoes rows holding a NaN."""
+    attrs = MaxPoolAttrs(**geometry) if op == "MaxPool" else AveragePoolAttrs(**geometry)
+    x = seeded_array(11, (2, 3, 9, 11))
+    x[0, 0, 2, 4] = np.nan  # inside a window of every geometry here
+    x[0, 0, 0, 0] = np.nan  # on an edge window
+    x[1, 2, 4, 10] = np.inf
+    x[1, 1, 5, 5] = -np.inf
+    x[1, 1, 8, 0] = np.nan
+    (out_shape,) = OPS[op].infer(attrs, [(3, 9, 11)], {})
+    want = OPS[op].reference(attrs, [x], {})[0]
+    got = run_kernel(backend, op, attrs, x, out_shape)
+    assert np.isnan(want).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # NaN where want is NaN, nowhere else
 
-    monkeypatch.setattr(numba_pool, "NUMPY_BELOW", 1000)
+
+def test_numba_backend_runs_its_own_pools_at_every_size() -> None:
+    """The numba pools beat NumPy's whole-tensor passes from the smallest maps on (PERFORMANCE.md): no size bar."""
+    pytest.importorskip("numba")
     small = KernelSpec("MaxPool", MaxPoolAttrs(kernel=(2, 2)), {}, ((4, 10, 10),), ((4, 5, 5),))
-    large = KernelSpec("MaxPool", MaxPoolAttrs(kernel=(2, 2)), {}, ((4, 20, 20),), ((4, 10, 10),))
-    assert factories("numba")["MaxPool"](small).__module__.endswith("numpy_backend.pool")
-    assert factories("numba")["MaxPool"](large).__module__.endswith("numba_backend.pool")
+    assert factories("numba")["MaxPool"](small).__module__.endswith("numba_backend.pool")
+    small_average = KernelSpec("AveragePool", AveragePoolAttrs(kernel=(2, 2)), {}, ((4, 10, 10),), ((4, 5, 5),))
+    assert factories("numba")["AveragePool"](small_average).__module__.endswith("numba_backend.pool")

@@ -20,7 +20,7 @@ import numpy as np
 
 from parsicore.kernels import numpy_backend
 from parsicore.kernels.base import KernelContext, KernelSpec
-from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.pool import PoolGeometry, window_counts
 
 
@@ -30,111 +30,165 @@ def _max_with_nan(a, b):
     return a if (a > b or a != a) else b
 
 
-@jit
-def _max_rows(acc, src):
-    for t in range(acc.shape[0]):
-        acc[t] = _max_with_nan(acc[t], src[t])
-
-
-@jit
-def _add_rows(acc, src):
-    for t in range(acc.shape[0]):
-        acc[t] += src[t]
+@jit_inline
+def _edge_max(row, start, kw):
+    """max of row[start:start+kw] clipped to the row (no NaN in it); 0 when the window holds no element."""
+    w0 = max(start, 0)
+    w1 = min(start + kw, row.shape[0])
+    best = np.float32(0.0)
+    if w0 < w1:
+        best = row[w0]
+        for iw in range(w0 + 1, w1):
+            v = row[iw]
+            best = best if best > v else v
+    return best
 
 
 @jit_inline
-def _clipped_max(row, start, kw):
-    """max of row[start:start+kw] clipped to the row; 0 when the window holds no element."""
+def _edge_max_with_nan(row, start, kw):
+    """As _edge_max, NaN when the window holds one."""
     w0 = max(start, 0)
     w1 = min(start + kw, row.shape[0])
-    if w0 >= w1:
-        return np.float32(0.0)
-    best = row[w0]
-    for iw in range(w0 + 1, w1):
-        best = _max_with_nan(best, row[iw])
+    best = np.float32(0.0)
+    if w0 < w1:
+        best = row[w0]
+        for iw in range(w0 + 1, w1):
+            best = _max_with_nan(best, row[iw])
     return best
+
+
+@jit_inline
+def _edge_sum(row, start, kw):
+    """sum of row[start:start+kw] clipped to the row."""
+    acc = np.float32(0.0)
+    for iw in range(max(start, 0), min(start + kw, row.shape[0])):
+        acc += row[iw]
+    return acc
+
+
+@jit_inline
+def _interior(wo, w, kw, stride_w, left):
+    """Output columns [ow_a, ow_b) whose windows lie wholly inside a row of width w (ow_a == ow_b: none)."""
+    ow_a = min(wo, (left + stride_w - 1) // stride_w)
+    ow_b = max(ow_a, min(wo, (w - kw + left) // stride_w + 1))
+    return ow_a, ow_b
 
 
 @serial_and_parallel
 def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
-    """x: float32 (N, C, H, W) -> out: float32 (N, C, Ho, Wo); the max over each window's input elements."""
+    """x: float32 (N, C, H, W) -> out: float32 (N, C, Ho, Wo); the max over each window's input elements.
+
+    Per (image, channel) plane and output row: the rows of its windows are combined element-wise over the
+    whole width, then each output takes the max of its columns of that combined row (interior windows in
+    unit-stride passes per tap column, the clipped edge windows one by one). Indices into the flat arrays are
+    unsigned and no view is made per row (a view's reference count and a signed index's wrap-around check
+    were the previous kernel's time). The passes compare with a plain ``a if a > b else b``, which LLVM
+    vectorises; NaN-propagating compares do not vectorise (measured 3-6x slower), so the vertical pass
+    records whether any input of the row is NaN and such rows are redone with the NaN-propagating compare.
+    """
     n_images, c_count, h, w = x.shape
     _, _, ho, wo = out.shape
+    u = np.uint64
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    uw = u(w)
+    uwo = u(wo)
+    ow_a, ow_b = _interior(wo, w, kw, stride_w, left)
+    first = u(max(0, ow_a * stride_w - left))
     for task in numba.prange(n_images * c_count):
-        n = task // c_count
-        c = task % c_count
+        src = u(task) * u(h) * uw
+        dst = u(task) * u(ho) * uwo
         combined = np.empty(w, dtype=np.float32)
-        half = (w + 1) // 2
-        even = np.empty(half, dtype=np.float32)
-        odd = np.empty(half, dtype=np.float32)
         for oh in range(ho):
-            dst = out[n, c, oh]
+            d = dst + u(oh) * uwo
             h0 = oh * stride_h - top
             h1 = min(h0 + kh, h)
             h0 = max(h0, 0)
             if h0 >= h1:
-                dst[:] = 0.0
+                for t in range(uwo):
+                    of[d + t] = 0.0
                 continue
-            combined[:] = x[n, c, h0]
+            nan = False
+            r = src + u(h0) * uw
+            for t in range(uw):
+                v = xf[r + t]
+                combined[t] = v
+                nan |= v != v
             for ih in range(h0 + 1, h1):
-                _max_rows(combined, x[n, c, ih])
-            # Interior outputs [ow_a, ow_b): windows wholly inside the row, no clipping.
-            ow_a = min(wo, (left + stride_w - 1) // stride_w)
-            ow_b = max(ow_a, min(wo, (w - kw + left) // stride_w + 1))
-            if stride_w == 2 and ow_b > ow_a:
-                # Split the row into even/odd columns once; tap j then reads parity (j - left) % 2 at
-                # ow + (j - left) // 2: unit-stride loops over the interior outputs.
-                for t in range(half):
-                    even[t] = combined[2 * t]
-                for t in range(w // 2):
-                    odd[t] = combined[2 * t + 1]
-                inner = dst[ow_a:ow_b]
-                for j in range(kw):
-                    o = j - left
-                    shift = (o - o % 2) // 2
-                    src = (even if o % 2 == 0 else odd)[ow_a + shift:ow_b + shift]
-                    if j == 0:
-                        inner[:] = src
-                    else:
-                        _max_rows(inner, src)
-                edges_from, edges_to = ow_a, ow_b
-            else:
-                edges_from, edges_to = wo, wo
-            for ow in range(edges_from):
-                dst[ow] = _clipped_max(combined, ow * stride_w - left, kw)
-            for ow in range(edges_to, wo):
-                dst[ow] = _clipped_max(combined, ow * stride_w - left, kw)
+                r = src + u(ih) * uw
+                for t in range(uw):
+                    a = combined[t]
+                    v = xf[r + t]
+                    combined[t] = a if a > v else v
+                    nan |= v != v
+            if nan:
+                for ih in range(h0, h1):  # redo the row with NaN-propagating compares
+                    r = src + u(ih) * uw
+                    for t in range(uw):
+                        combined[t] = xf[r + t] if ih == h0 else _max_with_nan(combined[t], xf[r + t])
+                for ow in range(wo):
+                    of[d + u(ow)] = _edge_max_with_nan(combined, ow * stride_w - left, kw)
+                continue
+            for ow in range(ow_a, ow_b):
+                of[d + u(ow)] = combined[first + u(ow - ow_a) * u(stride_w)]
+            for j in range(1, kw):
+                for ow in range(ow_a, ow_b):
+                    a = of[d + u(ow)]
+                    v = combined[first + u(ow - ow_a) * u(stride_w) + u(j)]
+                    of[d + u(ow)] = a if a > v else v
+            for ow in range(ow_a):
+                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw)
+            for ow in range(ow_b, wo):
+                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw)
 
 
 @serial_and_parallel
 def _average_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, reciprocal, out):
     """x: float32 (N, C, H, W); reciprocal: float32 (Ho, Wo), 1/divisor per window (0 for windows of padding
-    only) -> out: float32 (N, C, Ho, Wo); each window's sum times its reciprocal."""
+    only) -> out: float32 (N, C, Ho, Wo); each window's sum times its reciprocal. Same passes and flat
+    unsigned indices as _max_pool_kernel (sums propagate NaN by themselves)."""
     n_images, c_count, h, w = x.shape
     _, _, ho, wo = out.shape
+    u = np.uint64
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    rf = reciprocal.reshape(-1)
+    uw = u(w)
+    uwo = u(wo)
+    ow_a, ow_b = _interior(wo, w, kw, stride_w, left)
+    first = u(max(0, ow_a * stride_w - left))
     for task in numba.prange(n_images * c_count):
-        n = task // c_count
-        c = task % c_count
+        src = u(task) * u(h) * uw
+        dst = u(task) * u(ho) * uwo
         combined = np.empty(w, dtype=np.float32)
         for oh in range(ho):
-            dst = out[n, c, oh]
+            d = dst + u(oh) * uwo
             h0 = oh * stride_h - top
             h1 = min(h0 + kh, h)
             h0 = max(h0, 0)
             if h0 >= h1:
-                dst[:] = 0.0
+                for t in range(uwo):
+                    of[d + t] = 0.0
                 continue
-            combined[:] = x[n, c, h0]
+            r = src + u(h0) * uw
+            for t in range(uw):
+                combined[t] = xf[r + t]
             for ih in range(h0 + 1, h1):
-                _add_rows(combined, x[n, c, ih])
-            for ow in range(wo):
-                w0 = ow * stride_w - left
-                w1 = min(w0 + kw, w)
-                w0 = max(w0, 0)
-                acc = np.float32(0.0)
-                for iw in range(w0, w1):
-                    acc += combined[iw]
-                dst[ow] = acc * reciprocal[oh, ow]
+                r = src + u(ih) * uw
+                for t in range(uw):
+                    combined[t] += xf[r + t]
+            for ow in range(ow_a, ow_b):
+                of[d + u(ow)] = combined[first + u(ow - ow_a) * u(stride_w)]
+            for j in range(1, kw):
+                for ow in range(ow_a, ow_b):
+                    of[d + u(ow)] += combined[first + u(ow - ow_a) * u(stride_w) + u(j)]
+            for ow in range(ow_a):
+                of[d + u(ow)] = _edge_sum(combined, ow * stride_w - left, kw)
+            for ow in range(ow_b, wo):
+                of[d + u(ow)] = _edge_sum(combined, ow * stride_w - left, kw)
+            rr = u(oh) * uwo
+            for t in range(uwo):
+                of[d + t] *= rf[rr + t]
 
 
 def _prepare(x: np.ndarray, y: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
@@ -146,15 +200,8 @@ def _prepare(x: np.ndarray, y: np.ndarray, in_shape: tuple[int, ...], out_shape:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-#: Inputs of fewer elements per image take NumPy's pool (measured: at 32x28x28 NumPy's few whole-tensor
-#: operations beat the per-plane loops by their fixed cost; from ~100k elements the loops win, 3x at 64x112x112).
-NUMPY_BELOW = 100_000
-
-
 def make_max_pool(spec: KernelSpec) -> Any:
     """Factory. x: float32 (N, C, H, W) -> y: float32 (N, C, Ho, Wo)."""
-    if np.prod(spec.in_shapes[0]) < NUMPY_BELOW:
-        return numpy_backend.pool.make_max_pool(spec)
     g = PoolGeometry.from_spec(spec)
     context: KernelContext = spec.kernel_context()
 
@@ -167,8 +214,6 @@ def make_max_pool(spec: KernelSpec) -> Any:
 
 def make_average_pool(spec: KernelSpec) -> Any:
     """Factory. x: float32 (N, C, H, W) -> y: float32 (N, C, Ho, Wo)."""
-    if np.prod(spec.in_shapes[0]) < NUMPY_BELOW:
-        return numpy_backend.pool.make_average_pool(spec)
     g = PoolGeometry.from_spec(spec)
     context: KernelContext = spec.kernel_context()
     inside, clipped = window_counts(g)
