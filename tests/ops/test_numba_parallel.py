@@ -12,10 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parsicore.ops.pool import AveragePoolOp, MaxPoolOp
+from parsicore.ops.base import NoAttrs
+from parsicore.ops.pool import AveragePoolOp, GlobalAveragePoolOp, GlobalMaxPoolOp, MaxPoolOp
 from tests.ops._strategies_conv import channel_lists, conv_cases, depthwise_cases, pool_cases, winograd_cases
 from tests.ops.test_conv import assert_close, expected, run_kernel, zero_inactive
 from tests.ops.test_pool import run_kernel as run_pool
+from tests.strategies import seeded_array
 
 parallel = pytest.importorskip("parsicore.kernels.numba_backend.parallel")
 
@@ -73,3 +75,14 @@ def test_pool_parallel_build_matches_reference(op: str, data: st.DataObject) -> 
     reference = MaxPoolOp() if op == "MaxPool" else AveragePoolOp()
     (want,) = reference.reference(case.attrs, [case.x], {})
     np.testing.assert_allclose(run_pool("numba", op, case.attrs, case.x, case.out_shape), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+@given(seed=st.integers(0, 2**16), shape=st.tuples(st.integers(1, 3), st.integers(1, 16), st.integers(1, 9),
+                                                   st.integers(1, 9)))
+def test_global_pool_parallel_build_matches_reference(op: str, seed: int, shape: tuple[int, int, int, int]) -> None:
+    x = seeded_array(seed, shape)
+    reference = GlobalMaxPoolOp() if op == "GlobalMaxPool" else GlobalAveragePoolOp()
+    (want,) = reference.reference(NoAttrs(), [x], {})
+    got = run_pool("numba", op, NoAttrs(), x, (shape[1], 1, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -209,6 +209,19 @@ def test_nan_and_infinity_as_the_reference(backend: str, op: str, geometry: dict
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # NaN where want is NaN, nowhere else
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+def test_global_pool_nan_and_infinity_as_the_reference(backend: str, op: str) -> None:
+    x = seeded_array(12, (2, 4, 5, 6))
+    x[0, 1, 3, 2] = np.nan
+    x[1, 0, 0, 0] = np.nan  # a row's first element
+    x[1, 2, 4, 5] = np.inf
+    x[1, 3, 2, 2] = -np.inf
+    want = OPS[op].reference(NoAttrs(), [x], {})[0]
+    got = run_kernel(backend, op, NoAttrs(), x, (4, 1, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_numba_backend_runs_its_own_pools_at_every_size() -> None:
     """The numba pools beat NumPy's whole-tensor passes from the smallest maps on (PERFORMANCE.md): no size bar."""
     pytest.importorskip("numba")
