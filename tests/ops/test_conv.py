@@ -218,6 +218,24 @@ def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObje
     assert_close(got, want, scale)
 
 
+@pytest.mark.parametrize("path", ["rows", "gather"])
+@given(data=st.data())
+def test_conv_im2col_numba_kernels_match_reference(path: str, data: st.DataObject) -> None:
+    """The numba backend's two im2col kernels, dense and gated (channel subsets): row copies with clipped
+    ranges (wide outputs), and loads through a per-call index map from a zero-padded plane (outputs at
+    most GATHER_IM2COL_MAX_WIDTH wide). The bar is moved so that either kernel meets every case."""
+    numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    case = data.draw(conv_cases(data.draw(st.sampled_from(["im2col_gemm", "grouped"]))))
+    assume(path_of(case) in ("im2col_gemm", "grouped"))
+    active_in = data.draw(st.one_of(st.none(), channel_lists(case.in_shape[0], case.x.shape[0])))
+    x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
+    want, scale = expected(case, active_in=active_in)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_conv, "GATHER_IM2COL_MAX_WIDTH", 1 << 30 if path == "gather" else -1)
+        got = run_kernel("numba", case, x, active_in=active_in)
+    assert_close(got, want, scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=conv_cases("grouped"))
 def test_conv_grouped_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:
