@@ -206,8 +206,20 @@ def _is_channelwise(step: Step) -> bool:
     return OPS[step.op_type].channelwise and len(step.inputs) == 1
 
 
+def _masks_in_place(step: Step, index: int, last_use: Mapping[str, int], slot_of: Mapping[str, int],
+                    graph: Graph) -> bool:
+    """A ChannelMask whose input is read by nothing after it writes its output over its input (same slot):
+    when the conv before it was gated by the same hard mask, that input already is the masked tensor and the
+    runtime skips the step (see runtime._StepInfo.mask_is_identity)."""
+    if step.op_type != "ChannelMask":
+        return False
+    x = step.inputs[0]
+    return x in slot_of and last_use.get(x) == index and x not in graph.outputs and step.inputs[1] != x
+
+
 def _assign_slots(steps: list[Step], graph: Graph) -> tuple[dict[str, int], tuple[int, ...]]:
-    """Greedy liveness-based reuse: a tensor's slot is freed after its last reader runs."""
+    """Greedy liveness-based reuse: a tensor's slot is freed after its last reader runs; a ChannelMask may
+    write in place (see _masks_in_place)."""
     last_use: dict[str, int] = {}
     for i, s in enumerate(steps):
         for t in s.inputs:
@@ -218,7 +230,10 @@ def _assign_slots(steps: list[Step], graph: Graph) -> tuple[dict[str, int], tupl
     free: list[int] = []
     slot_of: dict[str, int] = {}
     for i, s in enumerate(steps):
-        for t in s.outputs:
+        in_place = _masks_in_place(s, i, last_use, slot_of, graph)
+        if in_place:
+            slot_of[s.outputs[0]] = slot_of[s.inputs[0]]
+        for t in () if in_place else s.outputs:
             need = int(np.prod(graph.shapes[t], dtype=np.int64))
             # Best fit among free slots; grow the largest free slot if none fits.
             fitting = [j for j in free if sizes[j] >= need]
@@ -234,6 +249,8 @@ def _assign_slots(steps: list[Step], graph: Graph) -> tuple[dict[str, int], tupl
             free.remove(j)
             slot_of[t] = j
         for t in set(s.inputs) | set(s.outputs):
+            if in_place and t == s.inputs[0]:
+                continue  # the slot now holds the output
             if t in slot_of and last_use.get(t, -1) <= i and t not in graph.outputs:
                 if slot_of[t] not in free:
                     free.append(slot_of[t])

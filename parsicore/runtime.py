@@ -118,12 +118,17 @@ class _StepInfo(NamedTuple):
     #: A conv whose output channels and input channels are always all active (no gate reaches it).
     static_dense: bool
     zero_rule: int
+    #: A ChannelMask writing over its input (plan._masks_in_place) with a hard mask (values 0 or 1): when its
+    #: input's possibly non-zero channels are the mask's own active channels (the conv before it was gated by
+    #: this mask), multiplying changes nothing and the step is skipped.
+    mask_is_identity_when_linked: bool = False
 
 
 def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
     """Which steps may see gating: a tensor may have known-zero channels when a ChannelMask or a gated conv
     produced it, or a channel-wise step or concat passed such channels on."""
     maybe_zero: dict[str, bool] = {}
+    hard_masks = {step.outputs[0] for step in plan.steps if step.is_gate and _gives_hard_mask(step)}
     infos = []
     for step in plan.steps:
         if step.is_gate:
@@ -141,8 +146,17 @@ def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
         for t in step.outputs:
             maybe_zero[t] = zero
         static_dense = step.is_conv and step.gate_mask is None and not maybe_zero.get(step.inputs[0], False)
-        infos.append(_StepInfo(static_dense, rule if zero else ZERO_NONE))
+        identity = (step.op_type == "ChannelMask" and step.inputs[1] in hard_masks
+                    and plan.slot_of.get(step.inputs[0]) == plan.slot_of[step.outputs[0]])
+        infos.append(_StepInfo(static_dense, rule if zero else ZERO_NONE, identity))
     return tuple(infos)
+
+
+def _gives_hard_mask(gate: Step) -> bool:
+    """A gate step whose mask values are only 0.0 and 1.0 (gates.mask_from_switches)."""
+    if gate.op_type == "LKAMGate":
+        return gate.attrs.mode == "hard"
+    return gate.op_type == "TopKGate" and not gate.attrs.scaled
 
 
 class _Workspace(NamedTuple):
@@ -359,7 +373,9 @@ class Model:
             elif step.is_conv:
                 layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives))
             else:
-                step.kernel(ins, outs)
+                if not (info.mask_is_identity_when_linked
+                        and nonzero.get(step.inputs[0]) is _active(step.inputs[1], tensors, actives)):
+                    step.kernel(ins, outs)
                 if info.zero_rule != ZERO_NONE:
                     nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors, actives)
             fixed = ws.fixed_stats[i]

@@ -151,6 +151,28 @@ def test_gate_links_found_by_planner():
     assert {s.name: s.gate_mask for s in m.plan.gated_steps} == {"conv2": "gate2", "conv3": "gate3"}
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(("gate", "mode", "skipped"), [("lkam", "hard", True), ("lkam", "scaled", False),
+                                                     ("topk", "hard", True)])
+def test_hard_mask_after_its_gated_conv_is_not_recomputed(backend, gate, mode, skipped):
+    """A hard mask over the conv it gates multiplies by 1 where the conv computed and by 0 where it wrote 0:
+    the plan lets it write over its input and the run skips it. Scaled masks still multiply. Either way the
+    result is the naive dense-then-mask one."""
+    model = gated_cnn(3, gate=gate, mode=mode, scaled=mode == "scaled")
+    m = parsicore.load(model, backend=backend)
+    calls = []
+    for step in m.plan.steps:
+        if step.op_type == "ChannelMask":
+            assert m.plan.slot_of[step.inputs[0]] == m.plan.slot_of[step.outputs[0]]
+            kernel = step.kernel
+            object.__setattr__(step, "kernel", lambda ins, outs, _k=kernel, _n=step.name, **kw: (
+                calls.append(_n), _k(ins, outs, **kw)))
+    x = seeded_array(4, (2, 3, 10, 10))
+    got = m(x)
+    np.testing.assert_allclose(got, naive_run(model, x)["logits"], rtol=1e-4, atol=1e-4)
+    assert calls == ([] if skipped else ["mask2", "mask3"])
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x"])
 def test_bad_threshold_is_an_input_error(bad):
     m = parsicore.load(gated_cnn(0), backend="numpy")
