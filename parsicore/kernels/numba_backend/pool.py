@@ -30,8 +30,9 @@ def _max_with_nan(a, b):
 
 
 @jit_inline
-def _edge_max(row, start, kw):
-    """max of row[start:start+kw] clipped to the row (no NaN in it); 0 when the window holds no element."""
+def _edge_max(row, start, kw, propagate_nan):
+    """max of row[start:start+kw] clipped to the row; 0 when the window holds no element. propagate_nan:
+    NaN when the window holds one (else the row is known to hold none and the plain compare is used)."""
     w0 = max(start, 0)
     w1 = min(start + kw, row.shape[0])
     best = np.float32(0.0)
@@ -39,20 +40,7 @@ def _edge_max(row, start, kw):
         best = row[w0]
         for iw in range(w0 + 1, w1):
             v = row[iw]
-            best = best if best > v else v
-    return best
-
-
-@jit_inline
-def _edge_max_with_nan(row, start, kw):
-    """As _edge_max, NaN when the window holds one."""
-    w0 = max(start, 0)
-    w1 = min(start + kw, row.shape[0])
-    best = np.float32(0.0)
-    if w0 < w1:
-        best = row[w0]
-        for iw in range(w0 + 1, w1):
-            best = _max_with_nan(best, row[iw])
+            best = _max_with_nan(best, v) if propagate_nan else (best if best > v else v)
     return best
 
 
@@ -126,7 +114,7 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
                     for t in range(uw):
                         combined[t] = xf[r + t] if ih == h0 else _max_with_nan(combined[t], xf[r + t])
                 for ow in range(wo):
-                    of[d + u(ow)] = _edge_max_with_nan(combined, ow * stride_w - left, kw)
+                    of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw, True)
                 continue
             for ow in range(ow_a, ow_b):
                 of[d + u(ow)] = combined[first + u(ow - ow_a) * u(stride_w)]
@@ -136,9 +124,9 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
                     v = combined[first + u(ow - ow_a) * u(stride_w) + u(j)]
                     of[d + u(ow)] = a if a > v else v
             for ow in range(ow_a):
-                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw)
+                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw, False)
             for ow in range(ow_b, wo):
-                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw)
+                of[d + u(ow)] = _edge_max(combined, ow * stride_w - left, kw, False)
 
 
 @serial_and_parallel
