@@ -437,3 +437,18 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
     kern([x], [y], active_out=active_out, active_in=active_in)
     want, scale = expected(case, active_out=active_out, active_in=active_in)
     assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=st.integers(0, 2**16), blocks=st.integers(1, 16), k=st.integers(1, 40), length=st.integers(1, 70),
+       data=st.data())
+def test_gather_rows_microkernel_matches_indexing(backend: str, seed: int, blocks: int, k: int, length: int,
+                                                  data: st.DataObject) -> None:
+    """The whole-row gather (weight rows of output-gated convs, active inputs of gated 1x1 convs) is src[:, rows]."""
+    module = {"numpy": "parsicore.kernels.numpy_backend.conv", "numba": "parsicore.kernels.numba_backend.gather"}
+    gather_rows = pytest.importorskip(module[backend]).gather_rows
+    src = seeded_array(seed, (blocks, k, length))
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, k - 1), min_size=1))), dtype=np.int64)
+    out = np.full((blocks, rows.size, length), np.nan, dtype=np.float32)
+    gather_rows(src, rows, out)
+    np.testing.assert_array_equal(out, src[:, rows])

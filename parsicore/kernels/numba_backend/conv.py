@@ -32,6 +32,7 @@ from parsicore.kernels.numba_backend.epilogue import (
     scatter_rows,
     zeros,
 )
+from parsicore.kernels.numba_backend.gather import gather_rows
 from parsicore.kernels.numba_backend.parallel import chunk_bounds, chunk_count, jit, jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.conv import (
     MODE_BIAS,
@@ -227,7 +228,7 @@ def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarr
     """As numpy_backend.conv.gather_weights: out (R, S*T) = taps[rows][:, channels] flattened."""
     k, c, _ = taps.shape
     if channels is None:
-        np.take(taps.reshape(k, -1), rows, axis=0, out=out)  # whole rows: one memcpy each
+        gather_rows(taps.reshape(1, k, -1), rows, out.reshape(1, rows.shape[0], -1), context)
         return
     if rows is None:
         rows = all_indices(k)
@@ -527,7 +528,7 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       scatter_bias_activation=scatter_bias_activation,
                                       gather_weights=gather_weights, winograd_input=winograd.input_transform,
                                       winograd_output=winograd.output_transform,
-                                      winograd_gather=winograd.gather_transformed)
+                                      winograd_gather=winograd.gather_transformed, gather_rows=gather_rows)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

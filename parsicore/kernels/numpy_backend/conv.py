@@ -180,6 +180,11 @@ def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarr
     out.reshape(r, s, taps.shape[2])[...] = picked if channels is None else picked[:, channels]
 
 
+def gather_rows(src: np.ndarray, rows: np.ndarray, out: np.ndarray, context: KernelContext | None = None) -> None:
+    """src: float32 (B, K, L), C-contiguous; rows: int64 (R,) -> out: float32 (B, R, L) = src[:, rows]."""
+    np.take(src, rows, axis=1, out=out)
+
+
 def _depthwise_taps(x: np.ndarray, filters: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
     """x: float32 (N, C, H, W); filters: (C, kh, kw) -> out: float32 (N, C, Ho, Wo), no bias."""
     padded = pad_images(x, geom)
@@ -237,13 +242,15 @@ class ConvMicrokernels:
     winograd_input: Callable[..., None]
     winograd_output: Callable[..., None]
     winograd_gather: Callable[..., None]
+    #: (src (B, K, L), rows (R,), out (B, R, L), context): whole rows copied (gated 1x1 inputs, weight rows).
+    gather_rows: Callable[..., None]
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
                                       scatter_bias_activation=scatter_bias_activation,
                                       gather_weights=gather_weights, winograd_input=winograd.input_transform,
                                       winograd_output=winograd.output_transform,
-                                      winograd_gather=winograd.gather_transformed)
+                                      winograd_gather=winograd.gather_transformed, gather_rows=gather_rows)
 
 
 # --- Orchestration ------------------------------------------------------------------------------------
@@ -377,7 +384,8 @@ class ConvKernel:
                 b = x.reshape(g.c, g.pixels)
             elif g.is_pointwise:
                 b = col_buf.reshape(n_cols, g.pixels)
-                np.take(x.reshape(g.c, g.pixels), chans, axis=0, out=b)
+                self.micro.gather_rows(np.ascontiguousarray(x).reshape(1, g.c, g.pixels), chans,
+                                       b.reshape(1, n_cols, g.pixels), self.context)
             else:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.im2col(x, chans, g, b, self.context)
