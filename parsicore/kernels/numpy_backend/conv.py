@@ -419,7 +419,14 @@ class ConvKernel:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
             u = self.winograd_u
-            if gather:
+            if rows is None and chans is not None:
+                # Input channels only: whole rows of U^T (16, C, K), one block copy each (the element gather along
+                # C ran at ~3 GB/s), then the 16 GEMMs on the transposed view (measured ~5 % slower than on a
+                # C-ordered (K, S) slice; the gather saved ~0.5 ms at 256 channels of 14x14).
+                t = u_buf.reshape(16, n_cols, n_rows)
+                self.micro.gather_rows(self._winograd_u_transposed(), chans, t, self.context)
+                u = t.transpose(0, 2, 1)
+            elif gather:
                 u = u_buf.reshape(16, n_rows, n_cols)
                 self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
             v = v_buf.reshape(16, n_cols, count)
@@ -427,6 +434,14 @@ class ConvKernel:
             # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
             self._matmul(u, v, m)
         self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y, self.context)
+
+    def _winograd_u_transposed(self) -> np.ndarray:
+        """U^T: float32 (16, C, K), made on the first call gated by input channels only (dense and output-gated
+        convs never pay its memory). Two threads racing here both build the same array; either one is kept."""
+        transposed = self.__dict__.get("winograd_u_t")
+        if transposed is None:
+            transposed = self.winograd_u_t = np.ascontiguousarray(self.winograd_u.transpose(0, 2, 1))
+        return transposed
 
     def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """out = a @ b (2-D, or a stack of 16 Winograd slices), split over the run's threads when large: by
