@@ -1,4 +1,5 @@
-"""Graph -> Plan: BatchNorm folding, activation fusion, kernels built per backend, gate links, buffer slots.
+"""Graph -> Plan: BatchNorm folding, activation fusion (into Conv, Gemm, Add, Mul), kernels built per backend,
+gate links, buffer slots.
 
 A Plan is frozen: many threads may run it at once; per-call buffers live in the runtime's workspace.
 
@@ -88,6 +89,17 @@ def _activation_of(node: Node) -> Activation | None:
     return to_act(node.attrs) if to_act else None
 
 
+def _fuse_activation(d: _Draft, nxt: Node | None, draft_of: Mapping[str, _Draft]) -> None:
+    """Fold ``nxt`` into draft ``d`` as its epilogue when it is an element-wise activation (d's sole consumer)."""
+    act = _activation_of(nxt) if nxt is not None else None
+    if act is None:
+        return
+    d.activation = act
+    d.out, d.names = nxt.outputs, d.names + [nxt.name]  # type: ignore[union-attr]
+    d.epilogue_macs += nxt.macs  # type: ignore[union-attr]
+    draft_of[nxt.name].removed = True  # type: ignore[union-attr]
+
+
 def build_plan(graph: Graph, backend: str, fold: bool = True, release_folded: bool = False) -> Plan:
     """Build the executable plan of ``graph`` for ``backend``. ``fold=False`` keeps BN/activations separate.
 
@@ -111,6 +123,10 @@ def build_plan(graph: Graph, backend: str, fold: bool = True, release_folded: bo
 
         draft_of = {d.node.name: d for d in drafts}
         for d in drafts:
+            if d.node.type in ("Add", "Mul") and not d.removed:
+                # A residual Add's ReLU runs in the Add's own pass (one pass over the tensor instead of two).
+                _fuse_activation(d, sole_consumer(d.out[0]), draft_of)
+                continue
             if d.node.type not in ("Conv", "Gemm") or d.removed:
                 continue
             nxt = sole_consumer(d.out[0])
@@ -132,13 +148,7 @@ def build_plan(graph: Graph, backend: str, fold: bool = True, release_folded: bo
                 d.out, d.names = nxt.outputs, d.names + [nxt.name]
                 d.epilogue_macs += nxt.macs
                 draft_of[nxt.name].removed = True
-            nxt = sole_consumer(d.out[0])
-            act = _activation_of(nxt) if nxt is not None else None
-            if act is not None:
-                d.activation = act
-                d.out, d.names = nxt.outputs, d.names + [nxt.name]  # type: ignore[union-attr]
-                d.epilogue_macs += nxt.macs  # type: ignore[union-attr]
-                draft_of[nxt.name].removed = True  # type: ignore[union-attr]
+            _fuse_activation(d, sole_consumer(d.out[0]), draft_of)
     kept = [d for d in drafts if not d.removed]
 
     context = KernelContext()

@@ -66,6 +66,9 @@ def random_models(draw):
             branch = b.add_node("Conv", [t], [f"rc{i}"], name=f"rconv{i}", attrs={"pads": (1, 1, 1, 1)},
                                 weights={"weight": _w(rng, c, c, 3, 3)})
             t = b.add_node("Add", [branch, t], [f"add{i}"], name=f"add{i}")
+            if draw(st.booleans()):  # ResNet's ReLU after the Add: fused into the Add's pass by the plan
+                op, attrs = draw(st.sampled_from(ACTIVATIONS))
+                t = b.add_node(op, [t], [f"adda{i}"], name=f"addact{i}", attrs=attrs)
         elif kind == "se":
             g = b.add_node("GlobalAveragePool", [t], [f"seg{i}"], name=f"sepool{i}")
             s = b.add_node("Conv", [g], [f"sec{i}"], name=f"seconv{i}", weights={"weight": _w(rng, c, c, 1, 1)})
@@ -89,6 +92,24 @@ def test_random_models_match_naive(model_and_shape, backend, fold):
     for name in ("logits", "probs"):
         scale = max(1.0, float(np.abs(expected[name]).max()))
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_relu_after_a_residual_add_runs_in_the_add(backend):
+    """The plan folds the activation after an Add into the Add's step (one pass); the result is the naive one."""
+    rng = np.random.default_rng(5)
+    b = ModelBuilder("residual")
+    b.add_input("x", (None, 4, 6, 6))
+    b.add_node("Conv", ["x"], ["c"], name="conv", attrs={"pads": (1, 1, 1, 1)}, weights={"weight": _w(rng, 4, 4, 3, 3)})
+    b.add_node("Add", ["c", "x"], ["s"], name="add")
+    b.add_node("Relu", ["s"], ["y"], name="relu")
+    b.add_output("y")
+    model = b.build()
+    m = parsicore.load(model, backend=backend)
+    assert [s.nodes for s in m.plan.steps] == [("conv",), ("add", "relu")]
+    x = seeded_array(6, (2, 4, 6, 6))
+    np.testing.assert_allclose(m(x), naive_run(model, x)["y"], rtol=1e-5, atol=1e-5)
+    assert (m(x) >= 0).all() and (m(x) == 0).any()
 
 
 def test_bn_folding_equals_unfolded():
