@@ -202,6 +202,8 @@ def test_nan_and_infinity_as_the_reference(backend: str, op: str, geometry: dict
     x[1, 2, 4, 10] = np.inf
     x[1, 1, 5, 5] = -np.inf
     x[1, 1, 8, 0] = np.nan
+    x[1, 2, 3, 2] = np.nan  # a first tap of a window row
+    x[1, 0, 5, 7] = np.nan  # the last tap of a 2x2 and of a 3x3 window (the direct kernels check every tap)
     (out_shape,) = OPS[op].infer(attrs, [(3, 9, 11)], {})
     want = OPS[op].reference(attrs, [x], {})[0]
     got = run_kernel(backend, op, attrs, x, out_shape)

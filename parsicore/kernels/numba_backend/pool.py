@@ -61,6 +61,67 @@ def _interior(wo, w, kw, stride_w, left):
     return ow_a, ow_b
 
 
+@jit_inline
+def _max2(a, b):
+    return a if a > b else b
+
+
+@jit_inline
+def _max_row_2x2(xf, of, base, pitch, d, count, stride):
+    """One output row of interior 2x2 windows straight from the input (window t starts at base + t*stride, rows
+    ``pitch`` apart) into of[d:d+count]; True when an input read is NaN (the caller then redoes the row)."""
+    u = np.uint64
+    one = u(1)
+    nan = False
+    for t in range(count):
+        c = base + t * stride
+        a = xf[c]
+        b = xf[c + one]
+        e = xf[c + pitch]
+        f = xf[c + pitch + one]
+        of[d + t] = _max2(_max2(a, b), _max2(e, f))
+        nan |= (a != a) | (b != b) | (e != e) | (f != f)
+    return nan
+
+
+@jit_inline
+def _max_row_3x3(xf, of, base, pitch, d, count, stride):
+    """As _max_row_2x2 for 3x3 windows."""
+    u = np.uint64
+    one = u(1)
+    two = u(2)
+    nan = False
+    for t in range(count):
+        c0 = base + t * stride
+        c1 = c0 + pitch
+        c2 = c1 + pitch
+        a0, a1, a2 = xf[c0], xf[c0 + one], xf[c0 + two]
+        b0, b1, b2 = xf[c1], xf[c1 + one], xf[c1 + two]
+        e0, e1, e2 = xf[c2], xf[c2 + one], xf[c2 + two]
+        m = _max2(_max2(_max2(a0, a1), _max2(a2, b0)), _max2(_max2(b1, b2), _max2(e0, _max2(e1, e2))))
+        of[d + t] = m
+        nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (b0 != b0) | (b1 != b1) | (b2 != b2)
+        nan |= (e0 != e0) | (e1 != e1) | (e2 != e2)
+    return nan
+
+
+@jit_inline
+def _window_max(xf, plane, w, h0, h1, start, kw):
+    """The NaN-propagating max of rows [h0, h1) x columns [start, start+kw) clipped to the width w of the plane
+    starting at flat index ``plane``; 0 when the window holds no element."""
+    u = np.uint64
+    w0 = max(start, 0)
+    w1 = min(start + kw, w)
+    best = np.float32(0.0)
+    if w0 < w1:
+        best = xf[plane + u(h0) * u(w) + u(w0)]
+        for ih in range(h0, h1):
+            row = plane + u(ih) * u(w)
+            for iw in range(w0, w1):
+                best = _max_with_nan(best, xf[row + u(iw)])
+    return best
+
+
 @serial_and_parallel
 def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
     """x: float32 (N, C, H, W) -> out: float32 (N, C, Ho, Wo); the max over each window's input elements.
@@ -82,6 +143,7 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
     uwo = u(wo)
     ow_a, ow_b = _interior(wo, w, kw, stride_w, left)
     first = u(max(0, ow_a * stride_w - left))
+    direct = kh == kw and (kh == 2 or kh == 3) and ow_b > ow_a
     for task in numba.prange(n_images * c_count):
         src = u(task) * u(h) * uw
         dst = u(task) * u(ho) * uwo
@@ -95,6 +157,21 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, out):
                 for t in range(uwo):
                     of[d + t] = 0.0
                 continue
+            if direct and h1 - h0 == kh:
+                # 2x2 / 3x3 windows whose rows lie inside: each interior output from its taps in registers (one
+                # pass, 3-6x faster than the combined-row passes at 28x28 to 112x112), edges one by one.
+                base = src + u(h0) * uw + first
+                count = u(ow_b - ow_a)
+                if kh == 2:
+                    nan = _max_row_2x2(xf, of, base, uw, d + u(ow_a), count, u(stride_w))
+                else:
+                    nan = _max_row_3x3(xf, of, base, uw, d + u(ow_a), count, u(stride_w))
+                if not nan:
+                    for ow in range(ow_a):
+                        of[d + u(ow)] = _window_max(xf, src, w, h0, h1, ow * stride_w - left, kw)
+                    for ow in range(ow_b, wo):
+                        of[d + u(ow)] = _window_max(xf, src, w, h0, h1, ow * stride_w - left, kw)
+                    continue
             nan = False
             r = src + u(h0) * uw
             for t in range(uw):
