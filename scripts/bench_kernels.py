@@ -1,0 +1,135 @@
+"""Microkernel timings at the shapes of the benchmark models, the two variants of each row called in turn in
+one process (A B A B ...), median microseconds and the ratio B/A. Serial builds, one BLAS thread.
+
+    python scripts/bench_kernels.py [--rounds 40]
+
+Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take with out= vs the Numba kernel),
+the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
+subsets (NumPy fancy indexing vs Numba). Every variant's output is checked against the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from parsicore.kernels.base import KernelSpec  # noqa: E402
+from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
+from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
+from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
+from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
+from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
+from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, pool_output_size  # noqa: E402
+
+
+def alternate(a: Callable[[], None], b: Callable[[], None], rounds: int) -> tuple[float, float]:
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for f, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+    return float(np.median(ta)) * 1e6, float(np.median(tb)) * 1e6
+
+
+def row(what: str, a_name: str, b_name: str, times: tuple[float, float]) -> None:
+    ta, tb = times
+    print(f"| {what} | {a_name} {ta:.1f} | {b_name} {tb:.1f} | {tb / ta:.2f} |")
+
+
+def pools(rng: np.random.Generator, rounds: int) -> None:
+    cases = [("MaxPool", (32, 28, 28), {"kernel": (2, 2)}), ("MaxPool", (64, 14, 14), {"kernel": (2, 2)}),
+             ("MaxPool", (64, 112, 112), {"kernel": (3, 3), "stride": (2, 2), "pads": (1, 1, 1, 1)}),
+             ("AveragePool", (32, 28, 28), {"kernel": (2, 2)}),
+             ("AveragePool", (64, 56, 56), {"kernel": (3, 3), "stride": (2, 2), "pads": (1, 1, 1, 1)})]
+    for op, (c, h, w), kw in cases:
+        attrs = (MaxPoolAttrs if op == "MaxPool" else AveragePoolAttrs)(**kw)
+        kh, kwd = attrs.kernel
+        sh, sw = attrs.strides
+        ho = pool_output_size(h, kh, sh, attrs.pads[0], attrs.pads[2], False)
+        wo = pool_output_size(w, kwd, sw, attrs.pads[1], attrs.pads[3], False)
+        spec = KernelSpec(op, attrs, {}, ((c, h, w),), ((c, ho, wo),))
+        make = "make_max_pool" if op == "MaxPool" else "make_average_pool"
+        slow, fast = getattr(numpy_pool, make)(spec), getattr(numba_pool, make)(spec)
+        x = rng.standard_normal((1, c, h, w), dtype=np.float32)
+        y1, y2 = np.empty((1, c, ho, wo), np.float32), np.empty((1, c, ho, wo), np.float32)
+        slow([x], [y1])
+        fast([x], [y2])
+        np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)
+        row(f"{op} {kw} on {c}x{h}x{w}", "numpy", "numba",
+            alternate(partial(slow, [x], [y1]), partial(fast, [x], [y2]), rounds))
+
+
+def row_gathers(rng: np.random.Generator, rounds: int) -> None:
+    for blocks, k, length in [(1, 512, 4608), (1, 256, 2304), (16, 256, 256), (1, 96, 12544)]:
+        src = rng.standard_normal((blocks, k, length), dtype=np.float32)
+        rows = np.sort(rng.permutation(k)[: k // 2]).astype(np.int64)
+        o1, o2 = np.empty((blocks, rows.size, length), np.float32), np.empty((blocks, rows.size, length), np.float32)
+        numpy_conv.gather_rows(src, rows, o1)
+        numba_gather._gather_rows_kernel.serial(src, rows, o2)
+        np.testing.assert_array_equal(o1, o2)
+        row(f"half the rows of ({blocks}, {k}, {length})", "np.take", "numba",
+            alternate(partial(numpy_conv.gather_rows, src, rows, o1),
+                      partial(numba_gather._gather_rows_kernel.serial, src, rows, o2), rounds))
+
+
+def im2cols(rng: np.random.Generator, rounds: int) -> None:
+    for c, h, k, stride in [(512, 7, 3, 1), (64, 7, 3, 1), (256, 14, 3, 1), (256, 14, 3, 2), (64, 14, 3, 1),
+                            (128, 28, 3, 1), (64, 56, 3, 2)]:
+        ho = (h + 2 - k) // stride + 1
+        x = rng.standard_normal((c, h, h), dtype=np.float32)
+        channels = np.arange(c, dtype=np.int64)
+        o1, o2 = np.empty((c * k * k, ho * ho), np.float32), np.empty((c * k * k, ho * ho), np.float32)
+        args = (k, k, stride, stride, 1, 1, 1, 1, ho, ho)
+        rows_kernel = partial(numba_conv._im2col_kernel.serial, x, channels, *args, o1)
+        gather_kernel = partial(numba_conv._im2col_gather_kernel.serial, x, channels, *args,
+                                numba_conv.chunk_count(c), o2)
+        rows_kernel()
+        gather_kernel()
+        np.testing.assert_array_equal(o1, o2)
+        row(f"im2col {c}x{h}x{h}, {k}x{k} stride {stride}", "row copies", "index map",
+            alternate(rows_kernel, gather_kernel, rounds))
+
+
+def weight_gathers(rng: np.random.Generator, rounds: int) -> None:
+    for k, c, taps in [(512, 512, 9), (256, 256, 9), (128, 128, 9)]:
+        w = rng.standard_normal((k, c, taps), dtype=np.float32)
+        rows = np.arange(k, dtype=np.int64)
+        chans = np.sort(rng.permutation(c)[: c // 2]).astype(np.int64)
+        o1, o2 = np.empty((k, chans.size * taps), np.float32), np.empty((k, chans.size * taps), np.float32)
+        numpy_conv.gather_weights(w, None, chans, o1)
+        numba_conv._gather_weights_kernel.serial(w, rows, chans, o2)
+        np.testing.assert_array_equal(o1, o2)
+        row(f"weights ({k}, half of {c}, {taps})", "numpy", "numba",
+            alternate(partial(numpy_conv.gather_weights, w, None, chans, o1),
+                      partial(numba_conv._gather_weights_kernel.serial, w, rows, chans, o2), rounds))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    args = ap.parse_args()
+    try:
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(1)
+    except ImportError:
+        pass
+    rng = np.random.default_rng(0)
+    print("| kernel and shape | A us | B us | B/A |\n|---|---|---|---|")
+    for part in (pools, row_gathers, im2cols, weight_gathers):
+        part(rng, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
