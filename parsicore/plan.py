@@ -220,7 +220,7 @@ def _masks_in_place(step: Step, index: int, last_use: Mapping[str, int], slot_of
                     graph: Graph) -> bool:
     """A ChannelMask whose input is read by nothing after it writes its output over its input (same slot):
     when the conv before it was gated by the same hard mask, that input already is the masked tensor and the
-    runtime skips the step (see runtime._StepInfo.mask_is_identity)."""
+    runtime skips the step (see runtime._StepInfo.mask_is_identity_when_linked)."""
     if step.op_type != "ChannelMask":
         return False
     x = step.inputs[0]
