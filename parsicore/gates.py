@@ -39,12 +39,17 @@ def check_keep(keep: float | None) -> float | None:
     return k
 
 
-def lkam_mask(switches: np.ndarray, threshold: float, mode: str) -> np.ndarray:
-    """switches: float32 (N, K) in (0, 1) -> mask float32 (N, K): on iff s > threshold; hard 1/0, scaled s/0."""
-    on = switches > np.float32(threshold)
+def lkam_mask(switches: np.ndarray, threshold: float, mode: str, out: np.ndarray | None = None) -> np.ndarray:
+    """switches: float32 (N, K) in (0, 1) -> mask float32 (N, K): on iff s > threshold; hard 1/0, scaled s/0.
+    out: float32 (N, K) to write the mask into (returned), else a new array."""
+    if out is None:
+        out = np.empty(switches.shape, dtype=np.float32)
     if mode == "scaled":
-        return np.where(on, switches, np.float32(0.0)).astype(np.float32)
-    return on.astype(np.float32)
+        out.fill(0.0)
+        np.copyto(out, switches, where=switches > np.float32(threshold))
+    else:
+        np.greater(switches, np.float32(threshold), out=out)  # bool -> float32: 1.0 / 0.0
+    return out
 
 
 def topk_mask(saliency: np.ndarray, keep_ratio: float, scaled: bool) -> np.ndarray:
@@ -63,17 +68,23 @@ def topk_mask(saliency: np.ndarray, keep_ratio: float, scaled: bool) -> np.ndarr
 
 
 def mask_from_switches(op_type: str, attrs: object, switches: np.ndarray,
-                       threshold: float | None = None, keep: float | None = None) -> np.ndarray:
-    """The mask a gate node outputs: its stored threshold/keep ratio unless overridden for this call."""
+                       threshold: float | None = None, keep: float | None = None,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """The mask a gate node outputs: its stored threshold/keep ratio unless overridden for this call.
+    out: float32 array of the switches' shape to write it into (returned), else a new array."""
     if op_type == "LKAMGate":
         t = attrs.threshold if threshold is None else threshold  # type: ignore[attr-defined]
-        return lkam_mask(switches, t, attrs.mode)  # type: ignore[attr-defined]
+        return lkam_mask(switches, t, attrs.mode, out)  # type: ignore[attr-defined]
     if op_type == "TopKGate":
         r = attrs.keep_ratio if keep is None else keep  # type: ignore[attr-defined]
-        return topk_mask(switches, r, attrs.scaled)  # type: ignore[attr-defined]
+        mask = topk_mask(switches, r, attrs.scaled)  # type: ignore[attr-defined]
+        if out is None:
+            return mask
+        out[...] = mask
+        return out
     raise ValueError(f"{op_type} is not a gate")
 
 
 def active_channels(mask: np.ndarray) -> list[np.ndarray]:
     """mask: (N, K) -> per image the sorted int64 indices of channels with a non-zero mask value."""
-    return [np.flatnonzero(row).astype(np.int64) for row in mask]
+    return [row.nonzero()[0].astype(np.int64, copy=False) for row in mask]

@@ -367,7 +367,7 @@ class Model:
             if step.is_gate:
                 switches = ws.switches[i]
                 step.kernel(ins, [switches])
-                outs[0][...] = gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep)
+                gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep, out=outs[0])
             elif info.static_dense:
                 step.kernel(ins, outs)
             elif step.is_conv:
@@ -399,11 +399,14 @@ class Model:
         else:
             step.kernel(ins, outs, active_out=active_out, active_in=active_in)
         k = step.out_shapes[0][0]
-        executed = sum(
-            _conv_macs(step, None if active_out is None else active_out[b], None if active_in is None else active_in[b])
-            for b in range(n)
-        )
-        on = k if active_out is None else sum(len(a) for a in active_out) / n
+        if n == 1:  # the common case, without the generators (this runs for every gated conv of every call)
+            executed = _conv_macs(step, None if active_out is None else active_out[0],
+                                  None if active_in is None else active_in[0])
+            on = k if active_out is None else len(active_out[0])
+        else:
+            executed = sum(_conv_macs(step, None if active_out is None else active_out[b],
+                                      None if active_in is None else active_in[b]) for b in range(n))
+            on = k if active_out is None else sum(len(a) for a in active_out) / n
         # The fused epilogue (folded BN, activation) runs on the computed channels only.
         executed += round(step.epilogue_macs * n * on / k)
         nonzero[step.outputs[0]] = active_out

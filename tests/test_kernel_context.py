@@ -49,3 +49,20 @@ def test_each_thread_has_its_own_scratch_and_threads() -> None:
     t.join()
     assert seen["threads"] is None
     assert not np.shares_memory(seen["buffer"], mine)
+
+
+def test_scratch_views_of_repeated_sizes_stay_valid_across_growth() -> None:
+    """Sizes asked for again give usable views of the current buffer, also after it grew in between."""
+    ctx = KernelContext()
+    a, b = ctx.scratch(100, 50)
+    again = ctx.scratch(100, 50)
+    assert [v.size for v in again] == [100, 50]
+    assert not np.shares_memory(again[0], again[1])
+    ctx.scratch(10_000)  # grows: views cut before now belong to the old buffer
+    c, d = ctx.scratch(100, 50)
+    for view in (c, d):
+        assert np.shares_memory(view, ctx._scratch) and view.ctypes.data % 64 == 0
+    assert not np.shares_memory(c, d)
+    for i in range(200):  # many different sizes (gated convs): every answer still sized and in the buffer
+        (piece,) = ctx.scratch(i + 1)
+        assert piece.size == i + 1 and np.shares_memory(piece, ctx._scratch)

@@ -98,6 +98,8 @@ def keeps_zero(act: Activation | None) -> bool:
 
 #: Scratch pieces start on 64-byte boundaries (one cache line, one AVX-512 register).
 _ALIGN_FLOATS = 16
+#: Most size tuples whose scratch views a KernelContext remembers.
+_SCRATCH_VIEWS_KEPT = 64
 
 
 class KernelContext(threading.local):
@@ -113,15 +115,23 @@ class KernelContext(threading.local):
         self.threads: int | None = None
         self._scratch = np.empty(0, dtype=np.float32)
         self._aligned_start = 0
+        # sizes -> the views scratch(*sizes) returned, for the current buffer (a conv asks for the same sizes
+        # on every dense call; cutting the views is most of this method's time).
+        self._views: dict[tuple[int, ...], list[np.ndarray]] = {}
 
     def scratch(self, *sizes: int) -> list[np.ndarray]:
         """Flat float32 arrays of ``sizes`` elements, carved from this thread's scratch buffer (grown, never
         shrunk: after a thread's first call no more memory is allocated). Valid until the next call of
-        ``scratch`` in this thread, i.e. within one kernel call; contents are garbage."""
+        ``scratch`` in this thread, i.e. within one kernel call; contents are garbage. The returned list may
+        be the one an earlier call with the same sizes returned: callers unpack it, never modify it."""
+        views = self._views.get(sizes)
+        if views is not None:
+            return views
         spans = [-(-max(int(s), 1) // _ALIGN_FLOATS) * _ALIGN_FLOATS for s in sizes]
         total = sum(spans) + _ALIGN_FLOATS
         buf = self._scratch
         if buf.size < total:
+            self._views.clear()
             buf = self._scratch = np.empty(total, dtype=np.float32)
             # Start on an aligned element: NumPy aligns large buffers to 16 bytes only.
             self._aligned_start = (-(buf.ctypes.data // 4)) % _ALIGN_FLOATS
@@ -130,6 +140,9 @@ class KernelContext(threading.local):
         for size, span in zip(sizes, spans):
             out.append(buf[start:start + int(size)])
             start += span
+        if len(self._views) >= _SCRATCH_VIEWS_KEPT:  # gated convs ask for many sizes: keep the table small
+            self._views.clear()
+        self._views[sizes] = out
         return out
 
 

@@ -444,6 +444,10 @@ def test_engine_lkam_mask_rule_agrees_with_reference(case: tuple) -> None:
     got = gates.mask_from_switches("LKAMGate", attrs, s)
     clear = np.abs(s - attrs.threshold) > AMBIGUOUS
     np.testing.assert_allclose(got[clear], want[clear], rtol=1e-6, atol=1e-6)
+    # The runtime's path: the mask written into the step's output buffer (garbage before), same values.
+    out = np.full(s.shape, np.nan, dtype=np.float32)
+    assert gates.mask_from_switches("LKAMGate", attrs, s, out=out) is out
+    np.testing.assert_allclose(out[clear], want[clear], rtol=1e-6, atol=1e-6)
 
 
 @given(topk_cases())

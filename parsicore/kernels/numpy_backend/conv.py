@@ -263,7 +263,8 @@ def _index_lists(lists: Sequence[np.ndarray] | None, n: int, limit: int, what: s
         raise ValueError(f"{what} has {len(lists)} entries for a batch of {n}")
     out = []
     for channels in lists:
-        channels = np.asarray(channels, dtype=np.int64).reshape(-1)
+        if type(channels) is not np.ndarray or channels.dtype != np.int64 or channels.ndim != 1:
+            channels = np.asarray(channels, dtype=np.int64).reshape(-1)
         if channels.size and (channels[0] < 0 or channels[-1] >= limit):
             raise ValueError(f"{what} holds a channel outside 0..{limit - 1}")
         out.append(channels)
