@@ -399,14 +399,13 @@ class Model:
         else:
             step.kernel(ins, outs, active_out=active_out, active_in=active_in)
         k = step.out_shapes[0][0]
-        if n == 1:  # the common case, without the generators (this runs for every gated conv of every call)
-            executed = _conv_macs(step, None if active_out is None else active_out[0],
-                                  None if active_in is None else active_in[0])
-            on = k if active_out is None else len(active_out[0])
-        else:
-            executed = sum(_conv_macs(step, None if active_out is None else active_out[b],
-                                      None if active_in is None else active_in[b]) for b in range(n))
-            on = k if active_out is None else sum(len(a) for a in active_out) / n
+        executed = on_total = 0  # one plain loop, no generators: this runs for every gated conv of every call
+        for b in range(n):
+            out_b = None if active_out is None else active_out[b]
+            executed += _conv_macs(step, out_b, None if active_in is None else active_in[b])
+            if out_b is not None:
+                on_total += len(out_b)
+        on = k if active_out is None else on_total / n
         # The fused epilogue (folded BN, activation) runs on the computed channels only.
         executed += round(step.epilogue_macs * n * on / k)
         nonzero[step.outputs[0]] = active_out
