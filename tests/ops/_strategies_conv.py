@@ -189,13 +189,13 @@ def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_0
 
 @st.composite
 def winograd_cases(draw: st.DrawFn) -> ConvCase:
-    """A 3x3 stride-1 Conv large enough for the Winograd path: 16..24 channels each way, outputs 7..16 per side
-    (odd sizes crop the last tile), any pads 0..2."""
+    """A 3x3 stride-1 Conv large enough for the Winograd path: 16..24 channels each way, outputs 11..16 per side
+    (at least winograd.MIN_TILES tiles; odd sizes crop the last tile), any pads 0..2."""
     n = draw(st.integers(1, 2))
     c, k = draw(st.integers(16, 24)), draw(st.integers(16, 24))
     pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
-    h = draw(st.integers(9, 16)) - pads[0] - pads[2]
-    w = draw(st.integers(9, 16)) - pads[1] - pads[3]
+    h = draw(st.integers(13, 18)) - pads[0] - pads[2]
+    w = draw(st.integers(13, 18)) - pads[1] - pads[3]
     out_shape = (k, h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2)
     seed = draw(st.integers(0, 2**32 - 1))
     x = maybe_non_contiguous(seeded_array(seed, (n, c, h, w)), draw(st.booleans()))

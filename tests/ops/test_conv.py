@@ -178,23 +178,53 @@ def test_conv_winograd_3x3_matches_reference(backend: str, data: st.DataObject) 
     assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
 
 
+@pytest.mark.parametrize(("size", "path"), [(7, "im2col_gemm"), (10, "im2col_gemm"), (11, "winograd_3x3"),
+                                            (16, "winograd_3x3")])
+def test_conv_winograd_needs_min_tiles(size: int, path: str) -> None:
+    """3x3 stride-1 convs take Winograd only with at least MIN_TILES (36) 2x2 output tiles: 7x7 and 10x10
+    outputs (16, 25 tiles) take im2col, 11x11 (36) and larger Winograd."""
+    c = k = 64
+    spec = KernelSpec("Conv", ConvAttrs(pads=(1, 1, 1, 1)), {"weight": np.zeros((k, c, 3, 3), np.float32)},
+                      ((c, size, size),), ((k, size, size),))
+    assert conv_path(ConvGeometry.from_spec(spec)) == path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", [7, 16])
-def test_conv_winograd_gated_calls_by_tile_count(backend: str, size: int) -> None:
-    """A Winograd conv called with gating: few tiles (7x7) take the gathered im2col GEMM, many (16x16) the
-    gathered Winograd GEMMs; both match the reference, dense calls stay Winograd."""
-    c, k = 20, 24
-    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(30, (2, c, size, size)),
+def test_conv_winograd_gated_route_per_image(backend: str) -> None:
+    """A gated Winograd call picks its route per image: Winograd while the active output rows are fewer than
+    3x the active input channels (winograd.gated_pays), else the gathered im2col GEMM (also with no input
+    channel on). Every image matches the reference, and a dense call stays Winograd."""
+    c, k, size = 20, 24, 16
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(30, (3, c, size, size)),
                     seeded_array(31, (k, c, 3, 3), scale=0.2), seeded_array(32, (k,)), None, (k, size, size))
     kern = factories(backend)["Conv"](_spec(case))
-    assert kern.path == "winograd_3x3" and kern.winograd_gated == (size == 16)
-    active_out = [np.array([0, 5, 6, 23]), np.arange(k)]
-    active_in = [np.arange(0, c, 3), np.array([], dtype=np.int64)]
+    assert kern.path == "winograd_3x3" and kern.winograd_gated
+    routes: list[str] = []
+    winograd_image, gated_image = kern._winograd_image, kern._gated_image
+
+    def spy_winograd(*args: object) -> None:
+        routes.append("winograd")
+        winograd_image(*args)
+
+    def spy_gated(*args: object) -> None:
+        routes.append("im2col")
+        gated_image(*args)
+
+    kern._winograd_image, kern._gated_image = spy_winograd, spy_gated
+    active_out = [np.array([0, 5, 6, 23]), np.arange(k), np.arange(k)]  # R = 4, 24, 24
+    active_in = [np.arange(0, c, 3), np.array([1, 2, 8, 19]), np.array([], dtype=np.int64)]  # S = 7, 4, 0
     x = zero_inactive(case.x, active_in, fill=np.nan)
+    y = np.full((3, k, size, size), np.nan, dtype=np.float32)
+    kern([x], [y], active_out=active_out, active_in=active_in)
+    assert routes == ["winograd", "im2col", "im2col"]
     want, scale = expected(case, active_out=active_out, active_in=active_in)
-    assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
+    assert_close(y, want, scale)
+    routes.clear()
+    y = np.full((3, k, size, size), np.nan, dtype=np.float32)
+    kern([case.x], [y])
+    assert routes == ["winograd"] * 3
     want, scale = expected(case)
-    assert_close(run_kernel(backend, case), want, scale)
+    assert_close(y, want, scale)
 
 
 @pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3"])

@@ -300,7 +300,8 @@ class ConvKernel:
             self.winograd_u = winograd.transform_weights(weight)
             self.tiles_h, self.tiles_w = winograd.tiles(geom.ho, geom.wo)
             # Gated calls with few tiles take the gathered im2col GEMM: gathering the 16 transformed weight
-            # slices costs more than Winograd saves there (measured at 7x7 outputs).
+            # slices costs more than Winograd saves there (measured at 7x7 outputs). With more tiles, each gated
+            # image still takes im2col when its active rows outnumber its active inputs (winograd.gated_pays).
             self.winograd_gated = winograd.tile_columns(self.tiles_h, self.tiles_w) >= winograd.GATED_MIN_COLUMNS
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
@@ -320,8 +321,13 @@ class ConvKernel:
             self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y, self.context)
         elif self.path == "winograd_3x3" and (self.winograd_gated or (rows is None and chans is None)):
             for i in range(n):
-                self._winograd_image(x[i], y[i], None if rows is None else rows[i],
-                                     None if chans is None else chans[i])
+                rows_i = None if rows is None else rows[i]
+                chans_i = None if chans is None else chans[i]
+                if (rows_i is None and chans_i is None) or winograd.gated_pays(
+                        g.k if rows_i is None else rows_i.size, g.c if chans_i is None else chans_i.size):
+                    self._winograd_image(x[i], y[i], rows_i, chans_i)
+                else:
+                    self._gated_image(x[i], y[i].reshape(g.k, g.pixels), rows_i, chans_i)
         elif rows is None and chans is None:
             self._dense(x, y)
         elif g.groups == 1:

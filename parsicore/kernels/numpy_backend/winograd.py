@@ -26,13 +26,23 @@ from parsicore.kernels.base import Activation, KernelContext, apply_activation
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
 #: Below these sizes the transforms cost more than the MACs they save, or the GEMMs become too thin for
-#: BLAS to run well (measured with OpenBLAS on Zen 4: 7x7 outputs with 256+ channels lose).
+#: BLAS to run well. MIN_TILES: measured on the development machine (AMD EPYC Zen 3, AVX2, numpy's OpenBLAS,
+#: numba, 1 thread, both paths alternated on the same conv): with 16 tiles (7x7, 8x8 outputs) im2col was as
+#: fast or faster at every size from 32->64 to 512->512 channels (1.0-1.4x); with 25 tiles it won up to
+#: 128->128 and tied above; with 36 tiles and more Winograd won from 64->128 channels (0.70-0.85x). An earlier
+#: rule (Zen 4) also took Winograd at 16-35 tiles when K*C <= 128*128: those convs ran 1.06-1.3x slower here.
 MIN_CHANNELS = 16
-#: Gated calls use Winograd only with at least this many GEMM columns (tile_columns), else im2col.
+MIN_TILES = 36
+#: Gated calls use Winograd only with at least this many GEMM columns (tile_columns), else im2col (every conv
+#: with MIN_TILES tiles has more; kept as the floor should MIN_TILES be lowered for another CPU).
 GATED_MIN_COLUMNS = 36
-MIN_TILES = 16
-MAX_WEIGHT_FOR_FEW_TILES = 128 * 128
-FEW_TILES = 36
+#: A gated image takes Winograd only when its active output rows R are fewer than this many times its active
+#: input channels S, else the gathered im2col GEMM: Winograd transforms every active input channel and output
+#: row whatever the other count, so with many rows and few channels its output transform dominates. Measured
+#: (numba, 1 thread, the two paths alternated) at 14x14..56x56 outputs, 32..256 channels: R = 4S took im2col
+#: 1.0-2.2x faster in 13 of 15 shapes, R = 2S Winograd 0.74-0.92x in 7 of 9; the default model's
+#: conv3 (R = 64, S = 4 at 14x14) 56 vs 36 us.
+GATED_MAX_ROWS_PER_CHANNEL = 3
 
 
 def tiles(ho: int, wo: int) -> tuple[int, int]:
@@ -45,6 +55,11 @@ def tile_columns(tiles_h: int, tiles_w: int) -> int:
     return tiles_h * (tiles_w + 1)
 
 
+def gated_pays(n_rows: int, n_cols: int) -> bool:
+    """Whether one gated image with n_rows active output rows and n_cols active input channels takes Winograd."""
+    return n_rows < GATED_MAX_ROWS_PER_CHANNEL * n_cols
+
+
 def pays(kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], groups: int, c: int, k: int,
          ho: int, wo: int) -> bool:
     """Whether a conv of this geometry takes the Winograd path."""
@@ -54,9 +69,7 @@ def pays(kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], g
         return False
     th, tw = tiles(ho, wo)
     count = th * tw
-    if count < MIN_TILES:
-        return False
-    return count >= FEW_TILES or k * c <= MAX_WEIGHT_FOR_FEW_TILES
+    return count >= MIN_TILES
 
 
 def transform_weights(weight: np.ndarray) -> np.ndarray:
