@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -110,11 +111,17 @@ def _conv_macs(step: Step, active_out: np.ndarray | None, active_in: np.ndarray 
 
 #: How a step's set of possibly non-zero channels follows from its inputs (see _propagate_zero).
 ZERO_NONE, ZERO_PASS, ZERO_MASK, ZERO_CONCAT = 0, 1, 2, 3
+#: How _execute runs a step: its kernel alone (a conv no gate reaches, any other step with no gating
+#: bookkeeping), a gate (switches, then the mask), a conv gating may reach (active channel lists, stats), or a
+#: step that may be skipped or passes known-zero channels on (ChannelMask, channel-wise ops, Concat).
+KIND_DENSE, KIND_GATE, KIND_GATED_CONV, KIND_OTHER = 0, 1, 2, 3
 
 
 class _StepInfo(NamedTuple):
     """Facts about one step fixed by the plan: gating can reach it or not, and how zeros propagate."""
 
+    index: int
+    kind: int
     #: A conv whose output channels and input channels are always all active (no gate reaches it).
     static_dense: bool
     zero_rule: int
@@ -130,7 +137,7 @@ def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
     maybe_zero: dict[str, bool] = {}
     hard_masks = {step.outputs[0] for step in plan.steps if step.is_gate and _gives_hard_mask(step)}
     infos = []
-    for step in plan.steps:
+    for index, step in enumerate(plan.steps):
         if step.is_gate:
             rule, zero = ZERO_NONE, False
         elif step.is_conv:
@@ -148,7 +155,14 @@ def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
         static_dense = step.is_conv and step.gate_mask is None and not maybe_zero.get(step.inputs[0], False)
         identity = (step.op_type == "ChannelMask" and step.inputs[1] in hard_masks
                     and plan.slot_of.get(step.inputs[0]) == plan.slot_of[step.outputs[0]])
-        infos.append(_StepInfo(static_dense, rule if zero else ZERO_NONE, identity))
+        rule = rule if zero else ZERO_NONE
+        if step.is_gate:
+            kind = KIND_GATE
+        elif step.is_conv:
+            kind = KIND_DENSE if static_dense else KIND_GATED_CONV
+        else:
+            kind = KIND_OTHER if identity or rule != ZERO_NONE else KIND_DENSE
+        infos.append(_StepInfo(index, kind, static_dense, rule, identity))
     return tuple(infos)
 
 
@@ -160,13 +174,19 @@ def _gives_hard_mask(gate: Step) -> bool:
 
 
 class _Workspace(NamedTuple):
-    """One thread's buffers for one batch size: slots, gate switches, per-step output views, and the
-    LayerStats of steps whose accounting never changes (dense steps), all made on the first call."""
+    """One thread's buffers for one batch size, all made on the first call: slots, gate switches, per step its
+    output views and its input list (views of earlier steps' outputs, fixed; the positions that take a graph
+    input are filled at each call, see ``feed_positions``), every step output's view by name, and the
+    LayerStats of steps whose accounting never changes (dense steps)."""
 
     n: int
     slots: list[np.ndarray]
     switches: dict[int, np.ndarray]
     outs: list[list[np.ndarray]]
+    ins: list[list[np.ndarray | None]]
+    #: (step index, input position, graph input name) of every step input that is a graph input.
+    feed_positions: tuple[tuple[int, int, str], ...]
+    views: dict[str, np.ndarray]
     fixed_stats: list[LayerStats | None]
 
 
@@ -325,17 +345,28 @@ class Model:
         """One flat float32 buffer per slot, sized for batch n, with every step's output views cut from it."""
         plan = self._plan
         slots = [np.empty(n * e, dtype=np.float32) for e in plan.slot_elements]
-        outs, fixed, switches = [], [], {}
+        outs, ins, fixed, switches = [], [], [], {}
+        views: dict[str, np.ndarray] = {}
+        feed_positions = []
         for i, (step, info) in enumerate(zip(plan.steps, self._infos)):
-            views = []
+            step_ins: list[np.ndarray | None] = []
+            for j, t in enumerate(step.inputs):
+                if t in views:
+                    step_ins.append(views[t])
+                else:  # a graph input: plan order puts every producer before its consumers
+                    step_ins.append(None)
+                    feed_positions.append((i, j, t))
+            ins.append(step_ins)
+            step_outs = []
             for t in step.outputs:
                 shape = plan.shapes[t]
                 size = int(np.prod(shape, dtype=np.int64))
-                views.append(slots[plan.slot_of[t]][: n * size].reshape((n, *shape)))
-            outs.append(views)
+                step_outs.append(slots[plan.slot_of[t]][: n * size].reshape((n, *shape)))
+                views[t] = step_outs[-1]
+            outs.append(step_outs)
             stats = None
             if step.is_gate:
-                switches[i] = np.empty_like(views[0])
+                switches[i] = np.empty_like(step_outs[0])
                 stats = LayerStats(step.name, step.op_type, 0.0, 0, step.macs * n, step.macs * n, False)
             elif info.static_dense:
                 macs = (step.macs + step.epilogue_macs) * n
@@ -345,47 +376,50 @@ class Model:
                 macs = (step.macs + step.epilogue_macs) * n
                 stats = LayerStats(step.name, step.op_type, 0.0, 0, macs, macs, False)
             fixed.append(stats)
-        return _Workspace(n, slots, switches, outs, fixed)
+        return _Workspace(n, slots, switches, outs, ins, tuple(feed_positions), views, fixed)
 
     def _execute(self, feeds: dict[str, np.ndarray], n: int, threshold: float | None, keep: float | None,
-                 capture: bool = False) -> tuple[dict[str, np.ndarray], list[LayerStats]]:
+                 capture: bool = False) -> tuple[Mapping[str, np.ndarray], list[LayerStats]]:
         """Run every step; returns the live tensors (copies of all of them when capture) and layer stats."""
         plan = self._plan
         ws = self._workspace(n)
         plan.context.threads = self._compute_threads
         thread_control.apply(self._compute_threads)
-        tensors: dict[str, np.ndarray] = dict(feeds)
+        step_ins = ws.ins
+        for i, j, name in ws.feed_positions:
+            step_ins[i][j] = feeds[name]
+        tensors = ws.views  # every step output's view: fixed per workspace, read-only here
         captured: dict[str, np.ndarray] = dict(feeds)
         # Per tensor: absent/None (any channel may be non-zero) or per image the channels that may be non-zero.
         nonzero: dict[str, list[np.ndarray] | None] = {}
         # Per mask tensor: its active channel lists, computed once per call (a mask gates several steps).
         actives: dict[str, list[np.ndarray]] = {}
         layers: list[LayerStats] = []
-        for i, (step, info) in enumerate(zip(plan.steps, self._infos)):
-            ins = [tensors[t] for t in step.inputs]
-            outs = ws.outs[i]
-            if step.is_gate:
-                switches = ws.switches[i]
-                step.kernel(ins, [switches])
-                gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep, out=outs[0])
-            elif info.static_dense:
-                step.kernel(ins, outs)
-            elif step.is_conv:
-                layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives))
-            else:
-                if not (info.mask_is_identity_when_linked
-                        and nonzero.get(step.inputs[0]) is _active(step.inputs[1], tensors, actives)):
+        try:
+            for step, info, ins, outs, fixed in zip(plan.steps, self._infos, step_ins, ws.outs, ws.fixed_stats):
+                if info.kind == KIND_DENSE:
                     step.kernel(ins, outs)
-                if info.zero_rule != ZERO_NONE:
-                    nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors, actives)
-            fixed = ws.fixed_stats[i]
-            if fixed is not None:
-                layers.append(fixed)
-            for t, arr in zip(step.outputs, outs):
-                tensors[t] = arr
+                elif info.kind == KIND_GATE:
+                    switches = ws.switches[info.index]
+                    step.kernel(ins, [switches])
+                    gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep, out=outs[0])
+                elif info.kind == KIND_GATED_CONV:
+                    layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives))
+                else:
+                    if not (info.mask_is_identity_when_linked
+                            and nonzero.get(step.inputs[0]) is _active(step.inputs[1], tensors, actives)):
+                        step.kernel(ins, outs)
+                    if info.zero_rule != ZERO_NONE:
+                        nonzero[step.outputs[0]] = _propagate_zero(step, info.zero_rule, nonzero, tensors, actives)
+                if fixed is not None:
+                    layers.append(fixed)
                 if capture:
-                    captured[t] = arr.copy()
-        return (captured if capture else tensors), layers
+                    for t, arr in zip(step.outputs, outs):
+                        captured[t] = arr.copy()
+        finally:
+            for i, j, _ in ws.feed_positions:  # the workspace keeps no reference to the caller's arrays
+                step_ins[i][j] = None
+        return (captured if capture else ChainMap(feeds, tensors)), layers
 
     @staticmethod
     def _gated_conv(step: Step, ins: list[np.ndarray], outs: list[np.ndarray], n: int,

@@ -3,6 +3,8 @@ buffer reuse, and one model called from several threads at once."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -138,6 +140,23 @@ def test_second_run_reuses_buffers():
     m(x)
     assert [id(b) for b in m._local.workspace[1]] == first
     assert len(first) < len(m.plan.steps), "liveness should let tensors share slots"
+
+
+def test_workspace_keeps_no_reference_to_the_input():
+    """The workspace's per-step input lists take the caller's array for one call only: after it, nothing in
+    the model holds the input (a large input is freed when the caller drops it), and the next call with a
+    different input sees that input, not the previous one."""
+    m = parsicore.load(small_cnn(0).build(), backend="numpy")
+    x = seeded_array(0, (1, 1, 28, 28))
+    first = m(x)
+    ref = weakref.ref(x)
+    del x
+    assert ref() is None
+    other = seeded_array(1, (1, 1, 28, 28))
+    model_file = small_cnn(0).build()
+    (want,) = naive_run(model_file, other).values()
+    np.testing.assert_allclose(m(other), want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(m(other), first)
 
 
 @pytest.mark.parametrize("backend", backends())
