@@ -340,6 +340,8 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     plane = u(phase_rows) * p
     length = u(ho) * p
     xf = x.reshape(-1)
+    ff = filters.reshape(-1)
+    of = out.reshape(-1)
     tasks = n_images * c_count
     # Tap (i, j) reads phase (i % s, j % s) at row i // s, column j // s of the output's own position.
     o0 = u(0)
@@ -380,18 +382,24 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
                         first = src + u(e)
                         for t in range((w - e + 1) // 2):
                             phases[dst + u(t)] = xf[first + s * u(t)]
-            f = filters[c]
-            w0, w1, w2 = f[0, 0], f[0, 1], f[0, 2]
-            w3, w4, w5 = f[1, 0], f[1, 1], f[1, 2]
-            w6, w7, w8 = f[2, 0], f[2, 1], f[2, 2]
+            f0 = u(9) * u(c)
+            w0, w1, w2 = ff[f0], ff[f0 + u(1)], ff[f0 + u(2)]
+            w3, w4, w5 = ff[f0 + u(3)], ff[f0 + u(4)], ff[f0 + u(5)]
+            w6, w7, w8 = ff[f0 + u(6)], ff[f0 + u(7)], ff[f0 + u(8)]
             for q in range(length):
                 acc[q] = (w0 * phases[q + o0] + w1 * phases[q + o1] + w2 * phases[q + o2]
                           + w3 * phases[q + o3] + w4 * phases[q + o4] + w5 * phases[q + o5]
                           + w6 * phases[q + o6] + w7 * phases[q + o7] + w8 * phases[q + o8])
-            b = bias[c]
+            # The epilogue on the whole accumulator (its padding columns too) in one pass, then the output
+            # rows copied out by flat index: a finish per row through two row views cost a reference-count
+            # update each, most of the time of a 7x7 or 14x14 plane.
+            finish_row(acc, acc, bias[c], code, alpha, beta, lo, hi)
+            d = u(task) * u(ho) * u(wo)
             for oh in range(ho):
-                start = oh * pitch
-                finish_row(acc[start:start + wo], out[n, c, oh], b, code, alpha, beta, lo, hi)
+                a = u(oh) * p
+                for ow in range(wo):
+                    of[d + u(ow)] = acc[a + u(ow)]
+                d += u(wo)
 
 
 #: Channels per block of the channels-last depthwise kernel: 4 AVX-512 registers of float32. A literal in

@@ -164,9 +164,9 @@ def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, cod
                 p0 = u(2 * i) * length
                 p1 = p0 + length
                 _a_transpose(sums, a0, a1, a2, a3, phase, p0, p1, length)
-            for j in range(4):
-                plane = phase[j * int(length):(j + 1) * int(length)]
-                finish_row(plane, plane, b, code, alpha, beta, lo, hi)
+            # The four phase planes are the whole of ``phase``: one epilogue pass, no plane views (a view costs
+            # a reference-count update, see the module docstring).
+            finish_row(phase, phase, b, code, alpha, beta, lo, hi)
             for oh in range(ho):
                 start = u(oh % 2) * u(2) * length + u(oh // 2) * u(pitch)
                 right = start + length
