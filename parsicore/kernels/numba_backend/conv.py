@@ -242,6 +242,8 @@ def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | No
     if bias is None and code == 0:
         return
     n, k, p = y.shape
+    if not y.flags.c_contiguous:
+        raise ValueError("bias_activation needs a C-contiguous y (it works in place)")
     has_bias = bias is not None
     bias = bias if has_bias else zeros(k)
     bias_activation_rows(_threads(context), y.size, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
@@ -251,6 +253,8 @@ def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarr
                             y: np.ndarray, context: KernelContext | None = None) -> None:
     """As numpy_backend.conv.scatter_bias_activation: y[rows] = act(values + bias[rows]), other rows 0."""
     code, alpha, beta, lo, hi = activation_params(act)
+    if not (y.flags.c_contiguous and values.flags.c_contiguous):
+        raise ValueError("scatter_bias_activation needs C-contiguous values and y")
     has_bias = bias is not None
     bias = bias if has_bias else zeros(y.shape[0])
     scatter_rows(_threads(context), y.size, values, rows, bias, has_bias, code, alpha, beta, lo, hi, y)

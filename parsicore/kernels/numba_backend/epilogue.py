@@ -84,56 +84,72 @@ def activate_value(v, code, alpha, beta, lo, hi):
 
 
 @jit_inline
-def finish_row(src, dst, b, code, alpha, beta, lo, hi):
-    """dst[i] = act(src[i] + b) for one row (float32 1-D, same length; src may be dst)."""
-    n = dst.shape[0]
+def finish_span(src, s0, dst, d0, count, b, code, alpha, beta, lo, hi):
+    """dst[d0 + i] = act(src[s0 + i] + b) for i < count: float32 1-D arrays, offsets and count unsigned (src may
+    be dst). Kernels finishing many short rows index one flat array with this instead of slicing a view per
+    row: in Numba a view costs a reference-count update, which at rows of 7 to 49 values cost more than the
+    row's arithmetic."""
+    n = np.uint64(count)
     if code == 0:
         for i in range(n):
-            dst[i] = src[i] + b
+            dst[d0 + i] = src[s0 + i] + b
     elif code == RELU:
         for i in range(n):
-            v = src[i] + b
-            dst[i] = np.float32(0.0) if v < 0 else v
+            v = src[s0 + i] + b
+            dst[d0 + i] = np.float32(0.0) if v < 0 else v
     elif code == CLIP:
         for i in range(n):
-            v = src[i] + b
-            dst[i] = lo if v < lo else (hi if v > hi else v)
+            v = src[s0 + i] + b
+            dst[d0 + i] = lo if v < lo else (hi if v > hi else v)
     elif code == LEAKY_RELU:
         for i in range(n):
-            v = src[i] + b
-            dst[i] = v * alpha if v < 0 else v
+            v = src[s0 + i] + b
+            dst[d0 + i] = v * alpha if v < 0 else v
     elif code == HARD_SWISH:
         for i in range(n):
-            v = src[i] + b
+            v = src[s0 + i] + b
             t = v + np.float32(3.0)
             t = np.float32(0.0) if t < 0 else (np.float32(6.0) if t > 6 else t)
-            dst[i] = v * (t / np.float32(6.0))
+            dst[d0 + i] = v * (t / np.float32(6.0))
     else:
         for i in range(n):
-            dst[i] = activate_value(src[i] + b, code, alpha, beta, lo, hi)
+            dst[d0 + i] = activate_value(src[s0 + i] + b, code, alpha, beta, lo, hi)
+
+
+@jit_inline
+def finish_row(src, dst, b, code, alpha, beta, lo, hi):
+    """dst[i] = act(src[i] + b) for one row (float32 1-D, same length; src may be dst)."""
+    finish_span(src, np.uint64(0), dst, np.uint64(0), dst.shape[0], b, code, alpha, beta, lo, hi)
 
 
 @serial_and_parallel
 def bias_activation_rows(y, bias, has_bias, code, alpha, beta, lo, hi):
-    """y: float32 (R, P) in place: y[r] = act(y[r] + bias[r % len(bias)]) (bias repeats per image)."""
-    rows = y.shape[0]
+    """y: float32 (R, P), C-contiguous, in place: y[r] = act(y[r] + bias[r % len(bias)]) (bias repeats per
+    image). Rows by flat offset, no row views (see finish_span)."""
+    rows, p = y.shape
     k = bias.shape[0]
+    yf = y.reshape(-1)
     for r in numba.prange(rows):
         b = bias[r % k] if has_bias else np.float32(0.0)
-        finish_row(y[r], y[r], b, code, alpha, beta, lo, hi)
+        start = np.uint64(r) * np.uint64(p)
+        finish_span(yf, start, yf, start, p, b, code, alpha, beta, lo, hi)
 
 
 @serial_and_parallel
 def scatter_rows(values, rows, bias, has_bias, code, alpha, beta, lo, hi, y):
-    """values: float32 (R, P); rows: int64 (R,) sorted -> y: float32 (K, P): y[rows[r]] = act(values[r] +
-    bias[rows[r]]), every other row of y 0."""
-    k = y.shape[0]
+    """values: float32 (R, P), C-contiguous; rows: int64 (R,) sorted -> y: float32 (K, P), C-contiguous:
+    y[rows[r]] = act(values[r] + bias[rows[r]]), every other row of y 0. Rows by flat offset (see finish_span)."""
+    k, p = y.shape
     n_rows = rows.shape[0]
+    vf = values.reshape(-1)
+    yf = y.reshape(-1)
+    up = np.uint64(p)
     for out_row in numba.prange(k):
         r = np.searchsorted(rows, out_row)
-        dst = y[out_row]
+        dst = np.uint64(out_row) * up
         if r < n_rows and rows[r] == out_row:
             b = bias[out_row] if has_bias else np.float32(0.0)
-            finish_row(values[r], dst, b, code, alpha, beta, lo, hi)
+            finish_span(vf, np.uint64(r) * up, yf, dst, p, b, code, alpha, beta, lo, hi)
         else:
-            dst[:] = 0.0
+            for i in range(up):
+                yf[dst + i] = 0.0
