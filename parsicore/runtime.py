@@ -129,6 +129,11 @@ class _StepInfo(NamedTuple):
     #: input's possibly non-zero channels are the mask's own active channels (the conv before it was gated by
     #: this mask), multiplying changes nothing and the step is skipped.
     mask_is_identity_when_linked: bool = False
+    #: A gated conv writing its output channel-compact: per image its R active channels in order in the first
+    #: R planes (the rest of the buffer unused), not a full tensor with zero planes (see _compact_layouts).
+    compact_out: bool = False
+    #: A conv reading a channel-compact input (its active_in lists name the channels of those planes).
+    compact_in: bool = False
 
 
 def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
@@ -163,7 +168,65 @@ def _step_infos(plan: Plan) -> tuple[_StepInfo, ...]:
         else:
             kind = KIND_OTHER if identity or rule != ZERO_NONE else KIND_DENSE
         infos.append(_StepInfo(index, kind, static_dense, rule, identity))
-    return tuple(infos)
+    return _compact_layouts(plan, infos)
+
+
+def _compact_layouts(plan: Plan, infos: list[_StepInfo]) -> tuple[_StepInfo, ...]:
+    """Mark the gated convs that write channel-compact outputs, and the convs that read them.
+
+    A gated conv's output with most kernels off is mostly zero planes; written compact (its active channels
+    packed in order at the start of each image), the conv writes, and its readers read, only the active
+    planes. That is safe only when every reader knows the layout, so a gated conv (groups 1 or depthwise,
+    kernel supporting it) goes compact only when each reader of its output is
+      - a ChannelMask by the conv's own gate mask over it in place (skipped: the mask is an identity there),
+        whose own readers qualify in turn, or
+      - a conv (groups 1, or depthwise gated by the same mask and itself compact) reading it as its input.
+    Graph outputs never are compact. Decided from the last step backwards (readers come after writers)."""
+    steps = plan.steps
+    readers: dict[str, list[int]] = {}
+    for i, step in enumerate(steps):
+        for t in step.inputs:
+            readers.setdefault(t, []).append(i)
+    outputs = set(plan.outputs)
+    compact_out = [False] * len(steps)
+
+    def readers_ok(t: str, mask: str) -> bool:
+        if t in outputs:
+            return False
+        for r in readers.get(t, []):
+            reader, info = steps[r], infos[r]
+            if reader.op_type == "ChannelMask":
+                if not (reader.inputs == (t, mask) and info.mask_is_identity_when_linked
+                        and readers_ok(reader.outputs[0], mask)):
+                    return False
+            elif not (reader.is_conv and reader.inputs[0] == t and _supports_compact(reader)
+                      and (reader.conv_groups == 1
+                           or (_is_depthwise(reader) and reader.gate_mask == mask and compact_out[r]))):
+                return False
+        return True
+
+    for i in range(len(steps) - 1, -1, -1):
+        step = steps[i]
+        if (step.is_conv and step.gate_mask is not None and _supports_compact(step)
+                and (step.conv_groups == 1 or _is_depthwise(step))):
+            compact_out[i] = readers_ok(step.outputs[0], step.gate_mask)
+    compact_tensors = set()
+    for i, step in enumerate(steps):
+        if compact_out[i]:
+            compact_tensors.add(step.outputs[0])
+        elif step.op_type == "ChannelMask" and step.inputs[0] in compact_tensors:
+            compact_tensors.add(step.outputs[0])  # the skipped in-place mask: the same planes
+    return tuple(info._replace(compact_out=compact_out[i],
+                               compact_in=steps[i].is_conv and steps[i].inputs[0] in compact_tensors)
+                 for i, info in enumerate(infos))
+
+
+def _supports_compact(step: Step) -> bool:
+    return bool(getattr(step.kernel, "supports_compact", False))
+
+
+def _is_depthwise(step: Step) -> bool:
+    return step.conv_groups == step.conv_in_channels == step.out_shapes[0][0]
 
 
 def _gives_hard_mask(gate: Step) -> bool:
@@ -404,7 +467,9 @@ class Model:
                     step.kernel(ins, [switches])
                     gates.mask_from_switches(step.op_type, step.attrs, switches, threshold, keep, out=outs[0])
                 elif info.kind == KIND_GATED_CONV:
-                    layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives))
+                    # Captured tensors are whole: a capturing call writes every tensor in the full layout.
+                    layers.append(self._gated_conv(step, ins, outs, n, tensors, nonzero, actives,
+                                                   info.compact_in and not capture, info.compact_out and not capture))
                 else:
                     if not (info.mask_is_identity_when_linked
                             and nonzero.get(step.inputs[0]) is _active(step.inputs[1], tensors, actives)):
@@ -424,12 +489,17 @@ class Model:
     @staticmethod
     def _gated_conv(step: Step, ins: list[np.ndarray], outs: list[np.ndarray], n: int,
                     tensors: Mapping[str, np.ndarray], nonzero: dict[str, list[np.ndarray] | None],
-                    actives: dict[str, list[np.ndarray]]) -> LayerStats:
-        """Run a conv that gating may reach, with its active channel lists; its LayerStats for this call."""
+                    actives: dict[str, list[np.ndarray]], compact_in: bool = False,
+                    compact_out: bool = False) -> LayerStats:
+        """Run a conv that gating may reach, with its active channel lists (and channel-compact input/output
+        where _compact_layouts allows it); its LayerStats for this call."""
         active_out = _active(step.gate_mask, tensors, actives) if step.gate_mask else None
         active_in = nonzero.get(step.inputs[0])
         if active_out is None and active_in is None:
             step.kernel(ins, outs)
+        elif compact_in or compact_out:
+            step.kernel(ins, outs, active_out=active_out, active_in=active_in, compact_in=compact_in,
+                        compact_out=compact_out)
         else:
             step.kernel(ins, outs, active_out=active_out, active_in=active_in)
         k = step.out_shapes[0][0]

@@ -100,3 +100,50 @@ def gated_cnn(seed: int = 0, gate: str = "lkam", mode: str = "hard", offset: flo
     b.add_node("Gemm", ["f"], ["logits"], name="fc", weights={"weight": _w(rng, 4, c3), "bias": _w(rng, 4, scale=0.1)})
     b.add_output("logits")
     return b.build()
+
+
+def gated_inverted_residual(seed: int = 0, offset: float = 0.0, size: int = 8) -> ModelFile:
+    """MobileNetV2-style gated chains, the channel-compact layouts' cases:
+    stem -> gate_e -> [expand 1x1 -> relu6 -> mask_e] -> [dw 3x3 gated by gate_e -> relu6 -> mask_e'] -> project 1x1
+    -> add(stem) -> gate_c -> [conv 3x3 -> relu -> mask_c] -> conv 3x3 -> gap -> fc.
+
+    ``offset`` is added to the gates' last bias (very negative: most kernels off)."""
+    rng = np.random.default_rng(seed)
+    b = ModelBuilder("gated-inverted-residual", license="MIT", producer="tests/models.py")
+    b.set_labels([f"class{i}" for i in range(3)])
+    b.set_preprocessing(input_size=(size, size), colour="RGB")
+    b.add_input("x", (None, 3, size, size))
+    b.add_node("Conv", ["x"], ["s"], name="stem", attrs={"pads": (1, 1, 1, 1)},
+               weights={"weight": _w(rng, 8, 3, 3, 3), "bias": _w(rng, 8, scale=0.1)})
+    b.add_node("Relu", ["s"], ["sr"], name="stem_relu")
+
+    def add_gate(name: str, source: str, c_in: int, k: int) -> None:
+        b.add_node("LKAMGate", [source], [name], name=name,
+                   weights={"w1": _w(rng, 4, c_in, 1, 1, scale=1.0), "b1": _w(rng, 4, scale=0.5),
+                            "w2": _w(rng, k, 4, 1, 1, scale=1.0), "b2": _w(rng, k, scale=0.5) + offset},
+                   attrs={"kernel_size": 1, "mode": "hard", "threshold": 0.5})
+
+    add_gate("gate_e", "sr", 8, 24)
+    b.add_node("Conv", ["sr"], ["e"], name="expand", weights={"weight": _w(rng, 24, 8, 1, 1)})
+    b.add_node("BatchNorm", ["e"], ["eb"], name="expand_bn", weights=bn_weights(rng, 24))
+    b.add_node("Clip", ["eb"], ["er"], name="expand_relu6", attrs={"lo": 0.0, "hi": 6.0})
+    b.add_node("ChannelMask", ["er", "gate_e"], ["em"], name="expand_mask")
+    b.add_node("Conv", ["em"], ["d"], name="dw", attrs={"pads": (1, 1, 1, 1), "groups": 24},
+               weights={"weight": _w(rng, 24, 1, 3, 3), "bias": _w(rng, 24, scale=0.1)})
+    b.add_node("Clip", ["d"], ["dr"], name="dw_relu6", attrs={"lo": 0.0, "hi": 6.0})
+    b.add_node("ChannelMask", ["dr", "gate_e"], ["dm"], name="dw_mask")
+    b.add_node("Conv", ["dm"], ["p"], name="project", weights={"weight": _w(rng, 8, 24, 1, 1),
+                                                               "bias": _w(rng, 8, scale=0.1)})
+    b.add_node("Add", ["p", "sr"], ["a"], name="residual")
+    add_gate("gate_c", "a", 8, 12)
+    b.add_node("Conv", ["a"], ["c"], name="conv", attrs={"pads": (1, 1, 1, 1)},
+               weights={"weight": _w(rng, 12, 8, 3, 3), "bias": _w(rng, 12, scale=0.1)})
+    b.add_node("Relu", ["c"], ["cr"], name="conv_relu")
+    b.add_node("ChannelMask", ["cr", "gate_c"], ["cm"], name="conv_mask")
+    b.add_node("Conv", ["cm"], ["c2"], name="conv2", attrs={"pads": (1, 1, 1, 1)},
+               weights={"weight": _w(rng, 6, 12, 3, 3), "bias": _w(rng, 6, scale=0.1)})
+    b.add_node("GlobalAveragePool", ["c2"], ["g"], name="gap")
+    b.add_node("Flatten", ["g"], ["f"], name="flatten")
+    b.add_node("Gemm", ["f"], ["logits"], name="fc", weights={"weight": _w(rng, 3, 6), "bias": _w(rng, 3, scale=0.1)})
+    b.add_output("logits")
+    return b.build()

@@ -197,3 +197,29 @@ def test_higher_threshold_runs_less():
         fractions.append(m.last_stats.macs_fraction)
     assert fractions == sorted(fractions, reverse=True)
     assert fractions[-1] < fractions[0]
+
+
+@given(seed=st.integers(0, 10_000), offset=st.sampled_from([-20.0, -1.0, 0.0, 1.0, 20.0]), batch=st.integers(1, 3),
+       backend=st.sampled_from(backends()))
+def test_channel_compact_chains_equal_naive(seed, offset, batch, backend):
+    """MobileNetV2-style gated chains run channel-compact (expand -> dw by the same gate -> project, and a
+    gated 3x3 -> 3x3): the plan marks exactly those layouts, and the result is the naive dense-then-mask one
+    for any masks, every image its own (all on, all off, in between)."""
+    from tests.models import gated_inverted_residual
+
+    model = gated_inverted_residual(seed, offset=offset)
+    m = parsicore.load(model, backend=backend)
+    layouts = {step.name: (info.compact_in, info.compact_out) for step, info in zip(m.plan.steps, m._infos)
+               if step.is_conv}
+    assert layouts == {"stem": (False, False), "expand": (False, True), "dw": (True, True),
+                       "project": (True, False), "conv": (False, True), "conv2": (True, False)}
+    x = seeded_array(seed, (batch, 3, 8, 8))
+    assume(not _near_decision(model, x, None, None))
+    expected = naive_run(model, x)["logits"]
+    np.testing.assert_allclose(m(x), expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_a_gated_conv_read_by_a_pool_stays_full():
+    """conv2's masked output is read by a max-pool, which knows no compact layout: conv2 writes it whole."""
+    m = parsicore.load(gated_cnn(0), backend="numpy")
+    assert not any(info.compact_out or info.compact_in for info in m._infos)

@@ -321,6 +321,61 @@ def test_conv_gated_rows_and_columns_matches_reference(backend: str, data: st.Da
     assert_close(got, want, scale)
 
 
+def _compact(x: np.ndarray, lists: list[np.ndarray]) -> np.ndarray:
+    """A NaN buffer of x's shape holding, per image, x's channels ``lists[n]`` in its first planes."""
+    out = np.full(x.shape, np.nan, dtype=np.float32)
+    for n, chans in enumerate(lists):
+        out[n, :chans.size] = x[n, chans]
+    return out
+
+
+def _expand(y: np.ndarray, lists: list[np.ndarray]) -> np.ndarray:
+    """The full tensor of a compact y: channel lists[n][j] from plane j, every other channel 0."""
+    out = np.zeros_like(y)
+    for n, rows in enumerate(lists):
+        out[n, rows] = y[n, :rows.size]
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_channel_compact_layouts_match_reference(backend: str, data: st.DataObject) -> None:
+    """compact_in (the active input channels packed in the first planes) and compact_out (the active output
+    channels written to the first planes, the other planes left alone) on every path that takes them
+    (im2col, 1x1, Winograd, depthwise), against the dense reference with masked channels."""
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "winograd_3x3", "depthwise"]))
+    case = data.draw(winograd_cases() if kind == "winograd_3x3" else conv_cases(kind))
+    assert path_of(case) == kind
+    n, c, k = case.x.shape[0], case.in_shape[0], case.out_shape[0]
+    compact_in, compact_out = data.draw(st.sampled_from([(True, False), (False, True), (True, True)]))
+    if kind == "depthwise":
+        compact_out = True  # a depthwise conv reads a compact input only into a compact output, same channels
+    active_out = data.draw(channel_lists(k, n))
+    active_in = active_out if kind == "depthwise" and compact_in else data.draw(channel_lists(c, n))
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    x = _compact(case.x, active_in) if compact_in else zero_inactive(case.x, active_in)
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    kernel = factories(backend)["Conv"](_spec(case))
+    kernel([x], [y], active_out=active_out, active_in=active_in, compact_in=compact_in, compact_out=compact_out)
+    if compact_out:
+        for i, rows in enumerate(active_out):
+            assert np.isnan(y[i, rows.size:]).all(), "planes past the active channels must stay unwritten"
+        y = _expand(y, active_out)
+    assert_close(y, want, scale)
+
+
+def test_conv_compact_depthwise_needs_matching_channels() -> None:
+    """A depthwise conv asked to read a compact input into other output channels refuses (ValueError)."""
+    c = 8
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1), groups=c), seeded_array(40, (1, c, 6, 6)),
+                    seeded_array(41, (c, 1, 3, 3)), None, None, (c, 6, 6))
+    kernel = factories("numpy")["Conv"](_spec(case))
+    y = np.empty((1, c, 6, 6), dtype=np.float32)
+    with pytest.raises(ValueError, match="same channels"):
+        kernel([case.x], [y], active_out=[np.array([0, 1])], active_in=[np.array([2, 3])], compact_in=True,
+               compact_out=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_conv_gated_skips_inactive_input_channels(backend: str, data: st.DataObject) -> None:

@@ -13,12 +13,19 @@ computed (a GEMM on those rows of the packed weight, gathered) and the others wr
 ``active_in`` the input channels not listed are all zero, so their im2col rows and weight columns are
 skipped (gathered GEMM on active rows and columns). A depthwise output channel whose input channel is
 inactive is ``act(bias)`` everywhere and is filled without computing.
+
+Channel-compact layouts (``compact_out`` / ``compact_in``, set by the runtime where every reader of a tensor
+knows them): a compact output holds, per image, only the R active output channels, in order, in its first
+R planes (the rest of the buffer is not written); a compact input holds the S channels of ``active_in`` in
+its first S planes. A gated conv then writes R planes instead of K (no zero planes, no scatter), and its
+reader reads S planes in place (no gather of input channels).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -256,6 +263,12 @@ NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
 # --- Orchestration ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _first(n: int) -> np.ndarray:
+    """int64 0..n-1: the plane positions of a compact input's channels (cached and shared, never modified)."""
+    return np.arange(n, dtype=np.int64)
+
+
 def _index_lists(lists: Sequence[np.ndarray] | None, n: int, limit: int, what: str) -> list[np.ndarray] | None:
     if lists is None:
         return None
@@ -275,7 +288,11 @@ class ConvKernel:
     """One Conv with packed weights: ``kernel([x], [y], active_out=None, active_in=None)``.
 
     x: float32 (N, C, H, W), any strides; y: float32 (N, K, Ho, Wo), C-contiguous, overwritten.
+    ``compact_in`` / ``compact_out`` (module docstring): groups 1 or depthwise only; a depthwise conv reading a
+    compact input must write a compact output of the same channels (active_out == active_in).
     """
+
+    supports_compact = True
 
     def __init__(self, spec: KernelSpec, micro: ConvMicrokernels) -> None:
         geom = ConvGeometry.from_spec(spec)
@@ -306,7 +323,8 @@ class ConvKernel:
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
-                 active_in: Sequence[np.ndarray] | None = None) -> None:
+                 active_in: Sequence[np.ndarray] | None = None,
+                 compact_in: bool = False, compact_out: bool = False) -> None:
         x, y = inputs[0], outputs[0]
         g = self.geom
         n = x.shape[0]
@@ -316,7 +334,15 @@ class ConvKernel:
             raise ValueError(f"Conv output must be C-contiguous {(n, g.k, g.ho, g.wo)}, got {y.shape}")
         rows = _index_lists(active_out, n, g.k, "active_out")
         chans = _index_lists(active_in, n, g.c, "active_in")
-        if self.path == "depthwise":
+        compact_in = compact_in and chans is not None
+        compact_out = compact_out and rows is not None
+        if (compact_in or compact_out) and not (g.groups == 1 or g.is_depthwise):
+            raise ValueError("channel-compact layouts need a groups-1 or depthwise conv")
+        if self.path == "depthwise" and (compact_in or compact_out):
+            for i in range(n):
+                self._depthwise_compact(x[i:i + 1], y[i:i + 1], None if rows is None else rows[i],
+                                        None if chans is None else chans[i], compact_in)
+        elif self.path == "depthwise":
             modes = None if rows is None and chans is None else self._depthwise_modes(n, rows, chans)
             self.micro.depthwise(x, self.filters, self.bias, self.activation, modes, g, y, self.context)
         elif self.path == "winograd_3x3" and (self.winograd_gated or (rows is None and chans is None)):
@@ -325,15 +351,15 @@ class ConvKernel:
                 chans_i = None if chans is None else chans[i]
                 if (rows_i is None and chans_i is None) or winograd.gated_pays(
                         g.k if rows_i is None else rows_i.size, g.c if chans_i is None else chans_i.size):
-                    self._winograd_image(x[i], y[i], rows_i, chans_i)
+                    self._winograd_image(x[i], y[i], rows_i, chans_i, compact_in, compact_out)
                 else:
-                    self._gated_image(x[i], y[i].reshape(g.k, g.pixels), rows_i, chans_i)
+                    self._gated_image(x[i], y[i].reshape(g.k, g.pixels), rows_i, chans_i, compact_in, compact_out)
         elif rows is None and chans is None:
             self._dense(x, y)
         elif g.groups == 1:
             for i in range(n):
                 self._gated_image(x[i], y[i].reshape(g.k, g.pixels), None if rows is None else rows[i],
-                                  None if chans is None else chans[i])
+                                  None if chans is None else chans[i], compact_in, compact_out)
         else:
             for i in range(n):
                 self._gated_grouped_image(x[i:i + 1], y[i], None if rows is None else rows[i],
@@ -359,26 +385,34 @@ class ConvKernel:
                 self._matmul(self.packed[group], b[group], out[i, group])
         self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation, self.context)
 
-    def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None) -> None:
+    def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None,
+                     compact_in: bool = False, compact_out: bool = False) -> None:
         """groups == 1, one image. x: (C, H, W); y: (K, Ho*Wo) C-contiguous; rows/chans: sorted active output/input
-        channels (None = all): the GEMM on the active rows and columns of the packed weight (gathered)."""
+        channels (None = all): the GEMM on the active rows and columns of the packed weight (gathered).
+        compact_in: x's first S planes are the chans; compact_out: the R rows go to y's first R rows."""
         g = self.geom
         taps = g.kh * g.kw
         if chans is not None and chans.size == g.c:
-            chans = None
+            chans = None  # all channels: compact and full layouts are the same
         if rows is not None and rows.size == g.k:
             rows = None
         n_rows = g.k if rows is None else rows.size
         n_cols = (g.c if chans is None else chans.size) * taps
         if n_rows == 0:
-            y.fill(0.0)
+            if not compact_out:
+                y.fill(0.0)
             return
+        compact_in = compact_in and chans is not None
+        compact_out = compact_out and rows is not None
         gather_w = rows is not None or chans is not None
-        build_cols = not g.is_pointwise or chans is not None
+        build_cols = not g.is_pointwise or (chans is not None and not compact_in)
         w_buf, col_buf, val_buf = self.context.scratch(n_rows * n_cols if gather_w else 0,
                                                        n_cols * g.pixels if build_cols else 0,
-                                                       n_rows * g.pixels if rows is not None else 0)
-        values = y if rows is None else val_buf.reshape(n_rows, g.pixels)
+                                                       n_rows * g.pixels if rows is not None and not compact_out else 0)
+        if compact_out:
+            values = y[:n_rows]
+        else:
+            values = y if rows is None else val_buf.reshape(n_rows, g.pixels)
         if n_cols == 0:
             values.fill(0.0)  # every input channel is off: the conv is its bias
         else:
@@ -389,21 +423,26 @@ class ConvKernel:
                 weight = self.packed_2d
             if not build_cols:
                 b = x.reshape(g.c, g.pixels)
+                if compact_in:  # pointwise: the compact planes are the GEMM's operand as they lie
+                    b = np.ascontiguousarray(x).reshape(g.c, g.pixels)[:chans.size]
             elif g.is_pointwise:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.gather_rows(np.ascontiguousarray(x).reshape(1, g.c, g.pixels), chans,
                                        b.reshape(1, n_cols, g.pixels), self.context)
             else:
                 b = col_buf.reshape(n_cols, g.pixels)
-                self.micro.im2col(x, chans, g, b, self.context)
+                self.micro.im2col(x, _first(chans.size) if compact_in else chans, g, b, self.context)
             self._matmul(weight, b, values)
         if rows is None:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
+        elif compact_out:
+            self.micro.bias_activation(values[None], None if self.bias is None else self.bias[rows], self.activation,
+                                       self.context)
         else:
             self.micro.scatter_bias_activation(values, rows, self.bias, self.activation, y, self.context)
 
     def _winograd_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
-                        chans: np.ndarray | None) -> None:
+                        chans: np.ndarray | None, compact_in: bool = False, compact_out: bool = False) -> None:
         """One image, dense or gated. x: (C, H, W); y: (K, Ho, Wo) C-contiguous; rows/chans: sorted active output/input
         channels (None = all): transform the active input channels, 16 GEMMs on the gathered active rows and
         columns of the transformed weights, transform back the active output rows (the others 0)."""
@@ -415,8 +454,11 @@ class ConvKernel:
         n_rows = g.k if rows is None else rows.size
         n_cols = g.c if chans is None else chans.size
         if n_rows == 0:
-            y.fill(0.0)
+            if not compact_out:
+                y.fill(0.0)
             return
+        compact_in = compact_in and chans is not None
+        compact_out = compact_out and rows is not None
         count = winograd.tile_columns(self.tiles_h, self.tiles_w)
         gather = rows is not None or chans is not None
         u_buf, v_buf, m_buf = self.context.scratch(16 * n_rows * n_cols if gather else 0, 16 * n_cols * count,
@@ -437,10 +479,16 @@ class ConvKernel:
                 u = u_buf.reshape(16, n_rows, n_cols)
                 self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
             v = v_buf.reshape(16, n_cols, count)
-            self.micro.winograd_input(x, chans, g.top, g.left, self.tiles_h, self.tiles_w, v, self.context)
+            self.micro.winograd_input(x, _first(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
+                                      self.tiles_w, v, self.context)
             # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
             self._matmul(u, v, m)
-        self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y, self.context)
+        if compact_out:
+            self.micro.winograd_output(m, None, None if self.bias is None else self.bias[rows], self.activation,
+                                       self.tiles_h, self.tiles_w, y[:n_rows], self.context)
+        else:
+            self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y,
+                                       self.context)
 
     def _winograd_u_transposed(self) -> np.ndarray:
         """U^T: float32 (16, C, K), made on the first call gated by input channels only (dense and output-gated
@@ -505,6 +553,27 @@ class ConvKernel:
                 np.matmul(weight, cols, out=values[0])
             bias_activation(values, None if self.bias is None else self.bias[rows_g], self.activation)
             out[rows_g] = values[0]
+
+    def _depthwise_compact(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None,
+                           compact_in: bool) -> None:
+        """One image, depthwise, compact output (and input). x: (1, C, H, W); y: (1, K, Ho, Wo) C-contiguous; rows:
+        the active channels (None = all), written to y's first R planes: a dense depthwise conv of R channels on
+        their input planes (the compact input's first R planes, which must be the same channels, else gathered
+        from the full input, whose inactive channels are zero: those planes come out as act(bias))."""
+        g = self.geom
+        if compact_in and not (rows is chans or (rows is not None and chans is not None
+                                                and np.array_equal(rows, chans))):
+            raise ValueError("a depthwise conv reads a compact input only into a compact output of the same channels")
+        if rows is None or rows.size == g.c:
+            self.micro.depthwise(x, self.filters, self.bias, self.activation, None, g, y, self.context)
+            return
+        r = rows.size
+        if r == 0:
+            return
+        sub = replace(g, c=r, k=r, groups=r)
+        planes = x[:, :r] if compact_in else x[:, rows]
+        self.micro.depthwise(planes, self.filters[rows], None if self.bias is None else self.bias[rows],
+                             self.activation, None, sub, y[:, :r], self.context)
 
     def _depthwise_modes(self, n: int, rows: list[np.ndarray] | None, chans: list[np.ndarray] | None) -> np.ndarray:
         """int8 (N, C): MODE_ZERO for inactive outputs, else MODE_BIAS for inactive inputs, else MODE_COMPUTE."""
