@@ -27,8 +27,8 @@ import parsicore  # noqa: E402
 from parsicore.kernels.numba_backend import parallel  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
 
-SETTINGS = [(1 << 16, 1 << 21), (1 << 17, 1 << 22), (1 << 17, 1 << 23), (1 << 18, 1 << 22), (1 << 18, 1 << 23),
-            (1 << 19, 1 << 23), (1 << 18, 1 << 24), (1 << 62, 1 << 62)]
+SETTINGS = [(1 << 16, 1 << 21), (1 << 18, 1 << 23), (1 << 19, 1 << 24), (1 << 20, 1 << 25), (1 << 21, 1 << 25),
+            (1 << 22, 1 << 26), (1 << 62, 1 << 62)]
 
 
 def main() -> None:
