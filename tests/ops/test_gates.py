@@ -100,6 +100,22 @@ def test_lkam_numba_kernel_switches_match_reference(case: tuple) -> None:
     np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("pool", "two_banks", "activation"), [("avg", True, "relu"), ("avg", True, "none"),
+                                                              ("max", True, "relu"), ("avg", False, "relu"),
+                                                              ("max", False, "none")])
+def test_lkam_numba_kernel_at_network_sizes(pool: str, two_banks: bool, activation: str) -> None:
+    """The numba LKAM kernel at the sizes of real gates (BLAS bank1 into scratch, then the compiled rest),
+    a batch of 2 whose images get their own switches, against the reference."""
+    numba_gates = pytest.importorskip("parsicore.kernels.numba_backend.gates")
+    attrs = LKAMGateAttrs(kernel_size=1, pool=pool, activation=activation)
+    x = batched_input(7, 2, (24, 30, 29), False)
+    weights = lkam_weights(8, 24, 6, 1, 40 if two_banks else None)
+    (s,) = run_kernel(numba_gates.FACTORIES, "LKAMGate", attrs, [x], weights)
+    (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+    assert s.shape == (2, 40 if two_banks else 6)
+    np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+
+
 # Each configuration drives one path of the numpy LKAM kernel (see its module docstring).
 LKAM_PATHS = {
     "pool_input_first_one_bank": dict(kernel_size=1, pool="avg", two_banks=False, activation="relu"),
