@@ -312,6 +312,7 @@ class ConvKernel:
         # The same numbers as (K, C/groups, kh*kw): gated paths gather rows and whole-channel column blocks.
         self.taps = self.packed.reshape(geom.k, geom.cg, geom.kh * geom.kw)
         self.filters = self.packed.reshape(geom.c, geom.kh, geom.kw) if geom.is_depthwise else None
+        self._depthwise_sub: dict[int, ConvGeometry] = {}  # active count -> its geometry (_depthwise_compact)
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
         self.in_shape = (geom.c, geom.h, geom.w)
@@ -572,7 +573,9 @@ class ConvKernel:
         r = rows.size
         if r == 0:
             return
-        sub = replace(g, c=r, k=r, groups=r)
+        sub = self._depthwise_sub.get(r)
+        if sub is None:  # dataclasses.replace costs ~4 us a call: one geometry per active count, kept
+            sub = self._depthwise_sub[r] = replace(g, c=r, k=r, groups=r)
         planes = x[:, :r] if compact_in else x[:, rows]
         self.micro.depthwise(planes, self.filters[rows], None if self.bias is None else self.bias[rows],
                              self.activation, None, sub, y[:, :r], self.context)
