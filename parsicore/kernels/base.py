@@ -23,6 +23,7 @@ one (tests) makes its own.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class Activation:
     beta: float = 0.0
     lo: float = 0.0
     hi: float = 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def all_indices(n: int) -> np.ndarray:
+    """int64 0..n-1: the "every channel" list, and a compact tensor's plane positions, passed to kernels on
+    every call (cached and shared, so never modified by anyone; not flagged read-only, which would make Numba
+    compile a second specialisation)."""
+    return np.arange(n, dtype=np.int64)
 
 
 def apply_activation(y: np.ndarray, act: Activation | None) -> None:

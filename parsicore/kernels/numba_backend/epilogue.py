@@ -12,7 +12,7 @@ import functools
 import numba
 import numpy as np
 
-from parsicore.kernels.base import ACTIVATION_KINDS, Activation
+from parsicore.kernels.base import ACTIVATION_KINDS, Activation, all_indices  # noqa: F401 (re-exported to the numba kernels)
 from parsicore.kernels.numba_backend.parallel import jit, jit_inline, serial_and_parallel
 
 # Activation codes the kernels branch on: 0 = none, then ACTIVATION_KINDS in order (immutable ints, which
@@ -23,13 +23,6 @@ RELU, CLIP, LEAKY_RELU, SIGMOID, TANH, HARD_SIGMOID, HARD_SWISH, SILU = (
 )
 
 ActivationParams = tuple[int, np.float32, np.float32, np.float32, np.float32]
-
-
-@functools.lru_cache(maxsize=256)
-def all_indices(n: int) -> np.ndarray:
-    """int64 0..n-1, the "every channel" list passed to kernels on every call (cached and shared, so never
-    modified by anyone; not flagged read-only, which would make Numba compile a second specialisation)."""
-    return np.arange(n, dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=256)

@@ -23,13 +23,12 @@ reader reads S planes in place (no gather of input channels).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec, all_indices, apply_activation
 from parsicore.kernels.numpy_backend import winograd
 from parsicore.threads import run_chunks
 
@@ -265,12 +264,6 @@ NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
 # --- Orchestration ------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
-def _first(n: int) -> np.ndarray:
-    """int64 0..n-1: the plane positions of a compact input's channels (cached and shared, never modified)."""
-    return np.arange(n, dtype=np.int64)
-
-
 def _index_lists(lists: Sequence[np.ndarray] | None, n: int, limit: int, what: str) -> list[np.ndarray] | None:
     if lists is None:
         return None
@@ -424,17 +417,17 @@ class ConvKernel:
                 self.micro.gather_weights(self.taps, rows, chans, weight, self.context)
             else:
                 weight = self.packed_2d
-            if not build_cols:
+            if compact_in and not build_cols:  # pointwise: the compact planes are the GEMM's operand as they lie
+                b = np.ascontiguousarray(x).reshape(g.c, g.pixels)[:chans.size]
+            elif not build_cols:
                 b = x.reshape(g.c, g.pixels)
-                if compact_in:  # pointwise: the compact planes are the GEMM's operand as they lie
-                    b = np.ascontiguousarray(x).reshape(g.c, g.pixels)[:chans.size]
             elif g.is_pointwise:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.gather_rows(np.ascontiguousarray(x).reshape(1, g.c, g.pixels), chans,
                                        b.reshape(1, n_cols, g.pixels), self.context)
             else:
                 b = col_buf.reshape(n_cols, g.pixels)
-                self.micro.im2col(x, _first(chans.size) if compact_in else chans, g, b, self.context)
+                self.micro.im2col(x, all_indices(chans.size) if compact_in else chans, g, b, self.context)
             self._matmul(weight, b, values)
         if rows is None:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
@@ -482,7 +475,7 @@ class ConvKernel:
                 u = u_buf.reshape(16, n_rows, n_cols)
                 self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
             v = v_buf.reshape(16, n_cols, count)
-            self.micro.winograd_input(x, _first(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
+            self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context)
             # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
             self._matmul(u, v, m)
