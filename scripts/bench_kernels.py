@@ -5,7 +5,10 @@ one process (A B A B ...), median microseconds and the ratio B/A. Serial builds,
 
 Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take with out= vs the Numba kernel),
 the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
-subsets (NumPy fancy indexing vs Numba). Every variant's output is checked against the first's.
+subsets (NumPy fancy indexing vs Numba), a 3x3 conv at few output tiles (im2col vs Winograd, whole one-conv
+models: the choice winograd.MIN_TILES makes), a GEMM in one call vs split in 4 chunks over 2 threads
+(PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its inputs on (dense GEMM vs weight-column gather + smaller
+GEMM). Every variant's output is checked against the first's.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import parsicore  # noqa: E402
+from parsicore.builder import ModelBuilder  # noqa: E402
 from parsicore.kernels.base import KernelSpec  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
 from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
+from parsicore.kernels.numpy_backend import winograd  # noqa: E402
 from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, pool_output_size  # noqa: E402
+from parsicore.threads import run_chunks  # noqa: E402
 
 
 def alternate(a: Callable[[], None], b: Callable[[], None], rounds: int) -> tuple[float, float]:
@@ -115,9 +122,88 @@ def weight_gathers(rng: np.random.Generator, rounds: int) -> None:
                       partial(numba_conv._gather_weights_kernel.serial, w, rows, chans, o2), rounds))
 
 
+def _one_conv(weight: np.ndarray, hw: int, min_tiles: int) -> parsicore.Model:
+    """A 3x3 pad-1 conv (weight (K, C, 3, 3)) + ReLU model, loaded with winograd.MIN_TILES = min_tiles (the
+    path is fixed at load)."""
+    k, c = weight.shape[:2]
+    b = ModelBuilder("one-conv", license="MIT", producer="scripts/bench_kernels.py")
+    b.add_input("x", (None, c, hw, hw))
+    b.add_node("Conv", ["x"], ["y"], name="conv", attrs={"pads": (1, 1, 1, 1)},
+               weights={"weight": weight, "bias": np.zeros(k, np.float32)})
+    b.add_node("Relu", ["y"], ["r"], name="relu")
+    b.add_output("r")
+    saved = winograd.MIN_TILES
+    winograd.MIN_TILES = min_tiles
+    try:
+        return parsicore.load(b.build(), backend="numba", threads=1)
+    finally:
+        winograd.MIN_TILES = saved
+
+
+def winograd_tiles(rng: np.random.Generator, rounds: int) -> None:
+    for hw in (7, 10, 5):
+        for c, k in ((32, 32), (64, 64), (64, 128), (128, 128), (256, 256), (512, 512)):
+            weight = (rng.standard_normal((k, c, 3, 3)) * 0.1).astype(np.float32)
+            im2col, wino = _one_conv(weight, hw, 1 << 30), _one_conv(weight, hw, 1)
+            x = rng.random((1, c, hw, hw), dtype=np.float32)
+            y1, y2 = im2col(x), wino(x)
+            np.testing.assert_allclose(y2, y1, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(y1).max())))
+            th, tw = winograd.tiles(hw, hw)
+            row(f"conv 3x3 {c}->{k} at {hw}x{hw} ({th * tw} tiles), whole call", "im2col", "winograd",
+                alternate(partial(im2col, x), partial(wino, x), rounds))
+
+
+def gemm_splits(rng: np.random.Generator, rounds: int) -> None:
+    for m, kk, n in [(96, 16, 12544), (144, 24, 3136), (576, 96, 196), (960, 160, 49), (64, 147, 12544),
+                     (512, 4608, 49)]:
+        a = rng.random((m, kk), dtype=np.float32)
+        b = rng.random((kk, n), dtype=np.float32)
+        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        by_rows = m >= 64 and a.size >= b.size  # as ConvKernel._matmul splits
+        step = -(-(m if by_rows else n) // 4)
+
+        def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o2=o2) -> None:
+            s = slice(i * step, (i + 1) * step)
+            if by_rows:
+                np.matmul(a[s], b, out=o2[s])
+            else:
+                np.matmul(a, b[:, s], out=o2[:, s])
+
+        count = -(-(m if by_rows else n) // step)
+        np.matmul(a, b, out=o1)
+        run_chunks(chunk, count, 2)
+        np.testing.assert_allclose(o2, o1, rtol=1e-5)
+        row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "1 call", "4 chunks, 2 threads",
+            alternate(partial(np.matmul, a, b, out=o1), partial(run_chunks, chunk, count, 2), rounds))
+
+
+def pointwise_input_gathers(rng: np.random.Generator, rounds: int) -> None:
+    for k, c, p in [(320, 960, 49), (160, 960, 49), (96, 576, 196), (24, 144, 3136)]:
+        w = rng.standard_normal((k, c, 1), dtype=np.float32)
+        chans = np.sort(rng.permutation(c)[: round(0.75 * c)]).astype(np.int64)
+        x = rng.random((c, p), dtype=np.float32)
+        x[np.setdiff1d(np.arange(c), chans)] = 0.0  # the inactive input channels are zero
+        compact = np.ascontiguousarray(x[chans])
+        gathered = np.empty((k, chans.size), np.float32)
+        o1, o2 = np.empty((k, p), np.float32), np.empty((k, p), np.float32)
+        rows = np.arange(k, dtype=np.int64)
+
+        def gated(w=w, rows=rows, chans=chans, gathered=gathered, compact=compact, o2=o2) -> None:
+            numba_conv._gather_weights_kernel.serial(w, rows, chans, gathered)
+            np.matmul(gathered, compact, out=o2)
+
+        dense = partial(np.matmul, w.reshape(k, c), x, out=o1)
+        dense()
+        gated()
+        np.testing.assert_allclose(o2, o1, rtol=1e-4, atol=1e-4)
+        row(f"1x1 {c}->{k} at {p} pixels, 3/4 of inputs on", "dense GEMM", "gather + GEMM",
+            alternate(dense, gated, rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--only", default=None, help="comma-separated row groups (default: all): " + ", ".join(PARTS))
     args = ap.parse_args()
     try:
         import threadpoolctl
@@ -127,8 +213,13 @@ def main() -> None:
         pass
     rng = np.random.default_rng(0)
     print("| kernel and shape | A us | B us | B/A |\n|---|---|---|---|")
-    for part in (pools, row_gathers, im2cols, weight_gathers):
-        part(rng, args.rounds)
+    for name in (args.only.split(",") if args.only else PARTS):
+        PARTS[name](rng, args.rounds)
+
+
+PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
+         "winograd_tiles": winograd_tiles, "gemm_splits": gemm_splits,
+         "pointwise_input_gathers": pointwise_input_gathers}
 
 
 if __name__ == "__main__":

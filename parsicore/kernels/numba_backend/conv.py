@@ -525,10 +525,9 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
         # (row oh + i // s, column ow + j // s), + 1 row of slack: the pass runs over whole rows of pitch.
         pitch = max(-(-(g.left + g.w) // sw), g.wo + 2 // sw)
         phase_rows = max(-(-(g.top + g.h) // sh), g.ho + 2 // sh) + 1
-        # Work = elements written, not taps: this pass is memory-bound (384x14x14 in 88 us), and split over
-        # 2 threads every MobileNetV2 224 depthwise conv lost more in its reader (the next 1x1 GEMM, on this
-        # core, reading planes written on the other) than it gained: the model 1.02-1.04x with 2 threads
-        # against 1 when split, 0.96x when serial (measured alternated on a 2-core Xeon VM).
+        # Work = elements touched (written), as for the other kernels, not x9 taps: this pass is memory-bound
+        # (384x14x14 in ~80 us), and split over 2 threads MobileNetV2 224's depthwise convs lost more in their
+        # reader (the next 1x1 GEMM, on this core, reading planes written on the other) than they gained.
         _depthwise_3x3_kernel(threads, out.size, x, filters, bias, modes, sh, g.top, g.left, phase_rows, pitch,
                               chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
         return

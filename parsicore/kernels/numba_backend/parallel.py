@@ -27,7 +27,7 @@ import numba
 #: numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1; on a
 #: Xeon VM 2^18 made MobileNetV2 1.17x slower with 2 threads than with 1, 2^20 1.06x, with ResNet-18-gated50
 #: still gaining, 0.88x). A parallel kernel also costs its reader: the half of its output written on the
-#: other core is read by the next step on this one (a GEMM after a parallel depthwise conv: 229 -> 326 us).
+#: other core is read by the next step on this one (scripts/profile_steps.py MODEL --serial-numba shows it).
 MIN_PARALLEL_WORK = 1 << 20
 
 #: Held while a parallel build runs. Module-level on purpose: Numba's thread pool is one per process.

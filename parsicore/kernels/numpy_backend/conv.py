@@ -35,8 +35,8 @@ from parsicore.threads import run_chunks
 #: GEMMs of at least this many MACs are split over the run's threads (below, waking a helper costs more).
 #: Tuned with MIN_PARALLEL_WORK (numba_backend/parallel.py) on 2 cores (scripts/bench_thread_thresholds.py):
 #: at 2^21 every 28x28/32x32 model ran 10-40 % slower with 2 threads than with 1 (Zen 3 VM). On a Xeon VM,
-#: a helper's hand-off cost 50-110 us per split GEMM and MobileNetV2's 7-20M-MAC GEMMs (100-500 us) lost
-#: when split (alone, 144x24x3136: 206 us in one call, 289 us in 4 chunks on 2 threads): at 2^25 no
+#: a split cost ~40-50 us of hand-off and MobileNetV2's 7-11M-MAC GEMMs lost when split (scripts/bench_kernels.py
+#: --only gemm_splits: 144x24x3136 202 us in one call, 250 us in 4 chunks on 2 threads): at 2^25 no
 #: MobileNetV2 GEMM is split and ResNet-18 keeps its gain (2 threads / 1: 0.76 at 2^23, 0.77 at 2^25).
 PARALLEL_GEMM_MACS = 1 << 25
 #: Fewest rows per row block when a GEMM is split by rows (else it is split by columns).

@@ -1,0 +1,91 @@
+"""Per-step kernel times of two runs called in turn (A B A B ...), step by step: where one model differs from
+another, or a 2-thread run with Numba's parallel builds from the same run with them off::
+
+    python scripts/profile_steps.py DENSE.h5 GATED.h5 [--threads 1] [--calls 40]   # e.g. a gated variant
+    python scripts/profile_steps.py MODEL.h5 --serial-numba [--threads 2]           # parallel vs serial kernels
+
+Every step's kernel is wrapped in a timer (numba backend); steps are matched by name. Prints per step the two
+medians (us), the steps with the largest differences first, the sums, and the sums by the last part of the
+step name (``block3.dw`` -> ``dw``), which groups a network's repeated layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import parsicore  # noqa: E402
+from parsicore.kernels.numba_backend import parallel  # noqa: E402
+
+
+def timed(path: Path, threads: int) -> tuple[parsicore.Model, dict[str, list[float]]]:
+    """The model with every step's kernel wrapped in a timer; the times by step name."""
+    model = parsicore.load(path, backend="numba", threads=threads)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for step in model.plan.steps:
+        def wrapped(ins, outs, _kernel=step.kernel, _name=step.name, **gating):
+            t = time.perf_counter()
+            _kernel(ins, outs, **gating)
+            times[_name].append(time.perf_counter() - t)
+        object.__setattr__(step, "kernel", wrapped)
+    return model, times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path, nargs="?", help="second model (default: A again, see --serial-numba)")
+    ap.add_argument("--serial-numba", action="store_true", help="B runs with Numba's parallel builds off")
+    ap.add_argument("--threads", type=int, default=None, help="default 1, or 2 with --serial-numba")
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    if args.b is None and not args.serial_numba:
+        ap.error("give a second model or --serial-numba")
+    threads = args.threads or (2 if args.serial_numba else 1)
+    a, ta = timed(args.a, threads)
+    b, tb = timed(args.b or args.a, threads)
+    x = np.random.default_rng(0).random((1, *a.inputs[0].shape[1:]), dtype=np.float32)
+    default_work = parallel.MIN_PARALLEL_WORK
+    for i in range(args.calls + 5):
+        if i == 5:  # warm-up over
+            for t in (*ta.values(), *tb.values()):
+                t.clear()
+        a(x)
+        if args.serial_numba:
+            parallel.MIN_PARALLEL_WORK = 1 << 62
+        try:
+            b(x)
+        finally:
+            parallel.MIN_PARALLEL_WORK = default_work
+    ma = {k: float(np.median(v)) * 1e6 for k, v in ta.items()}
+    mb = {k: float(np.median(v)) * 1e6 for k, v in tb.items()}
+    ops = {s.name: (s.op_type, tuple(s.out_shapes[0])) for s in (*a.plan.steps, *b.plan.steps)}
+    label_b = "serial numba" if args.serial_numba else args.b.name
+    print(f"A = {args.a.name}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
+    names = list(dict.fromkeys([*ma, *mb]))
+    for name in sorted(names, key=lambda n: -abs(mb.get(n, 0.0) - ma.get(n, 0.0)))[: args.top]:
+        op, shape = ops[name]
+        print(f"  {name:28s} {op:18s} {str(shape):18s} A {ma.get(name, 0.0):8.1f}  B {mb.get(name, 0.0):8.1f}")
+    groups: collections.Counter[tuple[str, str]] = collections.Counter()
+    for name in names:
+        kind = name.split(".")[-1]
+        groups[kind, "a"] += ma.get(name, 0.0)
+        groups[kind, "b"] += mb.get(name, 0.0)
+    print("by kind:")
+    for kind in sorted({k for k, _ in groups}):
+        ga, gb = groups[kind, "a"], groups[kind, "b"]
+        print(f"  {kind:16s} A {ga:9.0f}  B {gb:9.0f}  B/A {gb / ga:.2f}" if ga else
+              f"  {kind:16s} A {ga:9.0f}  B {gb:9.0f}")
+    print(f"sum of steps: A {sum(ma.values()) / 1e3:.2f} ms, B {sum(mb.values()) / 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
