@@ -6,9 +6,9 @@ one process (A B A B ...), median microseconds and the ratio B/A. Serial builds,
 Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take with out= vs the Numba kernel),
 the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
 subsets (NumPy fancy indexing vs Numba), a 3x3 conv at few output tiles (im2col vs Winograd, whole one-conv
-models: the choice winograd.MIN_TILES makes), a GEMM in one call vs split in 4 chunks over 2 threads
-(PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its inputs on (dense GEMM vs weight-column gather + smaller
-GEMM). Every variant's output is checked against the first's.
+models: the choice winograd.MIN_TILES makes), F(2x2) vs F(4x4) Winograd on the same conv (winograd.tile_size),
+a GEMM in one call vs split in 4 chunks over 2 threads (PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its
+inputs on (dense GEMM vs weight-column gather + smaller GEMM). Every variant's output is checked against the first's.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def weight_gathers(rng: np.random.Generator, rounds: int) -> None:
                       partial(numba_conv._gather_weights_kernel.serial, w, rows, chans, o2), rounds))
 
 
-def _one_conv(weight: np.ndarray, hw: int, min_tiles: int) -> parsicore.Model:
-    """A 3x3 pad-1 conv (weight (K, C, 3, 3)) + ReLU model, loaded with winograd.MIN_TILES = min_tiles (the
-    path is fixed at load)."""
+def _one_conv(weight: np.ndarray, hw: int, min_tiles: int, min_tiles_f4: int | None = None) -> parsicore.Model:
+    """A 3x3 pad-1 conv (weight (K, C, 3, 3)) + ReLU model, loaded with winograd.MIN_TILES = min_tiles (and
+    MIN_TILES_F4 = min_tiles_f4 when given; the path and tile size are fixed at load)."""
     k, c = weight.shape[:2]
     b = ModelBuilder("one-conv", license="MIT", producer="scripts/bench_kernels.py")
     b.add_input("x", (None, c, hw, hw))
@@ -132,12 +132,30 @@ def _one_conv(weight: np.ndarray, hw: int, min_tiles: int) -> parsicore.Model:
                weights={"weight": weight, "bias": np.zeros(k, np.float32)})
     b.add_node("Relu", ["y"], ["r"], name="relu")
     b.add_output("r")
-    saved = winograd.MIN_TILES
+    saved = winograd.MIN_TILES, winograd.MIN_TILES_F4, winograd.MIN_WORK_F4
     winograd.MIN_TILES = min_tiles
+    if min_tiles_f4 is not None:
+        winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = min_tiles_f4, 0
     try:
         return parsicore.load(b.build(), backend="numba", threads=1)
     finally:
-        winograd.MIN_TILES = saved
+        winograd.MIN_TILES, winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = saved
+
+
+def winograd_f4(rng: np.random.Generator, rounds: int) -> None:
+    """F(2x2) against F(4x4) on the same 3x3 conv (the choice winograd.MIN_TILES_F4 / MIN_WORK_F4 make)."""
+    for hw, sizes in ((56, ((32, 32), (64, 64))), (28, ((32, 32), (64, 64), (128, 128))),
+                      (20, ((64, 64), (128, 128))), (14, ((64, 64), (128, 128), (256, 256))),
+                      (32, ((16, 16), (32, 32), (64, 64), (128, 128)))):
+        for c, k in sizes:
+            weight = (rng.standard_normal((k, c, 3, 3)) * 0.1).astype(np.float32)
+            f2, f4 = _one_conv(weight, hw, 1, 1 << 30), _one_conv(weight, hw, 1, 1)
+            x = rng.random((1, c, hw, hw), dtype=np.float32)
+            y1, y2 = f2(x), f4(x)
+            np.testing.assert_allclose(y2, y1, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(y1).max())))
+            th, tw = winograd.tiles(hw, hw, 4)
+            row(f"conv 3x3 {c}->{k} at {hw}x{hw} ({th * tw} 4x4 tiles), whole call", "F(2x2)", "F(4x4)",
+                alternate(partial(f2, x), partial(f4, x), rounds))
 
 
 def winograd_tiles(rng: np.random.Generator, rounds: int) -> None:
@@ -218,7 +236,7 @@ def main() -> None:
 
 
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
-         "winograd_tiles": winograd_tiles, "gemm_splits": gemm_splits,
+         "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
          "pointwise_input_gathers": pointwise_input_gathers}
 
 

@@ -1,8 +1,9 @@
-"""Per-step kernel times of two runs called in turn (A B A B ...), step by step: where one model differs from
+"""Per-step kernel times of two runs called in turn (A B, B A, ...), step by step: where one model differs from
 another, or a 2-thread run with Numba's parallel builds from the same run with them off::
 
     python scripts/profile_steps.py DENSE.h5 GATED.h5 [--threads 1] [--calls 40]   # e.g. a gated variant
     python scripts/profile_steps.py MODEL.h5 --serial-numba [--threads 2]           # parallel vs serial kernels
+    python scripts/profile_steps.py MODEL.h5 --a-set winograd.MIN_TILES_F4=1073741824  # A loaded with a setting
 
 Every step's kernel is wrapped in a timer (numba backend); steps are matched by name. Prints per step the two
 medians (us), the steps with the largest differences first, the sums, and the sums by the last part of the
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parsicore  # noqa: E402
 from parsicore.kernels.numba_backend import parallel  # noqa: E402
+
+
+@contextlib.contextmanager
+def settings(assignments: list[str]):  # type: ignore[no-untyped-def]
+    """Integer module constants set while a model loads (the choices they make are fixed at load), e.g.
+    ``winograd.MIN_TILES_F4=1073741824`` (a module under parsicore.kernels.numpy_backend, or a full name)."""
+    saved = []
+    try:
+        for item in assignments:
+            name, value = item.split("=")
+            module_name, attr = name.rsplit(".", 1)
+            if not module_name.startswith("parsicore."):
+                module_name = "parsicore.kernels.numpy_backend." + module_name
+            module = importlib.import_module(module_name)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, int(value))
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
 
 
 def timed(path: Path, threads: int) -> tuple[parsicore.Model, dict[str, list[float]]]:
@@ -43,33 +66,41 @@ def main() -> None:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path, nargs="?", help="second model (default: A again, see --serial-numba)")
     ap.add_argument("--serial-numba", action="store_true", help="B runs with Numba's parallel builds off")
+    ap.add_argument("--a-set", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="load A with this module constant (repeatable); B is A's model without it by default")
     ap.add_argument("--threads", type=int, default=None, help="default 1, or 2 with --serial-numba")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    if args.b is None and not args.serial_numba:
-        ap.error("give a second model or --serial-numba")
+    if args.b is None and not args.serial_numba and not args.a_set:
+        ap.error("give a second model, --serial-numba or --a-set")
     threads = args.threads or (2 if args.serial_numba else 1)
-    a, ta = timed(args.a, threads)
+    with settings(args.a_set):
+        a, ta = timed(args.a, threads)
     b, tb = timed(args.b or args.a, threads)
     x = np.random.default_rng(0).random((1, *a.inputs[0].shape[1:]), dtype=np.float32)
     default_work = parallel.MIN_PARALLEL_WORK
-    for i in range(args.calls + 5):
-        if i == 5:  # warm-up over
-            for t in (*ta.values(), *tb.values()):
-                t.clear()
-        a(x)
+
+    def call_b() -> None:
         if args.serial_numba:
             parallel.MIN_PARALLEL_WORK = 1 << 62
         try:
             b(x)
         finally:
             parallel.MIN_PARALLEL_WORK = default_work
+
+    for i in range(args.calls + 5):
+        if i == 5:  # warm-up over
+            for t in (*ta.values(), *tb.values()):
+                t.clear()
+        for call in ((lambda: a(x)), call_b)[:: 1 if i % 2 else -1]:  # A B, B A, ...: neither always goes first
+            call()
     ma = {k: float(np.median(v)) * 1e6 for k, v in ta.items()}
     mb = {k: float(np.median(v)) * 1e6 for k, v in tb.items()}
     ops = {s.name: (s.op_type, tuple(s.out_shapes[0])) for s in (*a.plan.steps, *b.plan.steps)}
-    label_b = "serial numba" if args.serial_numba else args.b.name
-    print(f"A = {args.a.name}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
+    label_b = "serial numba" if args.serial_numba else (args.b or args.a).name
+    label_a = args.a.name + "".join(f" ({item})" for item in args.a_set)
+    print(f"A = {label_a}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
     names = list(dict.fromkeys([*ma, *mb]))
     for name in sorted(names, key=lambda n: -abs(mb.get(n, 0.0) - ma.get(n, 0.0)))[: args.top]:
         op, shape = ops[name]

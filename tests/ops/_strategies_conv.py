@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +12,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from parsicore.kernels.base import ACTIVATION_KINDS, Activation
+from parsicore.kernels.numpy_backend import winograd
 from parsicore.ops.conv import ConvAttrs, conv_output_size
 from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, PoolAttrs, pool_output_size
 from tests.strategies import maybe_non_contiguous, seeded_array
@@ -185,6 +188,18 @@ def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_0
     bias = seeded_array(seed + 2, (c,)) if draw(st.booleans()) else None
     attrs = ConvAttrs(stride=stride, pads=pads, dilation=dilation, groups=c)  # type: ignore[arg-type]
     return ConvCase(attrs, x, weight, bias, draw(activations()), out_shape)
+
+
+@contextlib.contextmanager
+def winograd_tile(m: int) -> Iterator[None]:
+    """Within the block, every Winograd conv built takes output tiles of m x m: 4 forces F(4x4, 3x3) at any size
+    (the small test shapes would take F(2x2)), 2 rules it out. The tile size is fixed when a kernel is built."""
+    saved = winograd.MIN_TILES_F4, winograd.MIN_WORK_F4
+    winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = (1, 0) if m == 4 else (1 << 30, 1 << 62)
+    try:
+        yield
+    finally:
+        winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = saved
 
 
 @st.composite

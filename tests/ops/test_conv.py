@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from parsicore.kernels import factories
-from parsicore.kernels.base import ACTIVATION_KINDS, KernelSpec, apply_activation
+from parsicore.kernels.base import ACTIVATION_KINDS, Activation, KernelSpec, apply_activation
 from parsicore.kernels.numpy_backend.conv import ConvGeometry, conv_path
 from parsicore.ops.base import parse_attrs
 from parsicore.ops.conv import ConvAttrs, ConvOp
@@ -21,6 +21,7 @@ from tests.ops._strategies_conv import (
     conv_cases,
     depthwise_cases,
     winograd_cases,
+    winograd_tile,
 )
 from tests.strategies import backends, seeded_array
 
@@ -162,11 +163,12 @@ def test_conv_depthwise_matches_reference(backend: str, case: ConvCase) -> None:
     assert_close(run_kernel(backend, case), want, scale)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
-def test_conv_winograd_3x3_matches_reference(backend: str, data: st.DataObject) -> None:
-    """Winograd F(2x2, 3x3), dense and gated (gathered transformed weights, active input channels
-    transformed, active output rows transformed back), against the direct reference."""
+def test_conv_winograd_3x3_matches_reference(backend: str, tile: int, data: st.DataObject) -> None:
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3), dense and gated (gathered transformed weights, active input
+    channels transformed, active output rows transformed back), against the direct reference."""
     case = data.draw(winograd_cases())
     assert path_of(case) == "winograd_3x3"
     n = case.x.shape[0]
@@ -175,7 +177,42 @@ def test_conv_winograd_3x3_matches_reference(backend: str, data: st.DataObject) 
     active_in = data.draw(channel_lists(case.in_shape[0], n)) if gating in ("columns", "both") else None
     x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
     want, scale = expected(case, active_out=active_out, active_in=active_in)
-    assert_close(run_kernel(backend, case, x, active_out=active_out, active_in=active_in), want, scale)
+    with winograd_tile(tile):
+        kernel = factories(backend)["Conv"](_spec(case))
+    assert kernel.winograd_tile == tile
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([x], [y], active_out=active_out, active_in=active_in)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize(("c", "size", "tile"), [(64, 56, 4), (32, 56, 4), (128, 28, 4), (64, 28, 4), (32, 28, 2),
+                                                 (256, 14, 2), (64, 20, 2), (128, 20, 4)])
+def test_conv_winograd_tile_size_by_work(c: int, size: int, tile: int) -> None:
+    """F(4x4) from 25 4x4 tiles and C*K*tiles >= MIN_WORK_F4 (ResNet-18's layers 1-2), else F(2x2): 14x14
+    outputs (16 tiles) and small channel counts keep F(2x2)."""
+    spec = KernelSpec("Conv", ConvAttrs(pads=(1, 1, 1, 1)), {"weight": np.zeros((c, c, 3, 3), np.float32)},
+                      ((c, size, size),), ((c, size, size),))
+    assert factories("numpy")["Conv"](spec).winograd_tile == tile
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_winograd_4x4_at_network_size(backend: str) -> None:
+    """F(4x4) at a size it is chosen for (64 -> 64 channels, 28x28, 49 tiles), dense and gated, within the
+    tolerance of every conv path (its transforms lose more precision than F(2x2)'s)."""
+    c = k = 64
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(40, (1, c, 28, 28)),
+                    seeded_array(41, (k, c, 3, 3), scale=1.0 / 24), seeded_array(42, (k,)), Activation("relu"),
+                    (k, 28, 28))
+    kernel = factories(backend)["Conv"](_spec(case))
+    assert kernel.path == "winograd_3x3" and kernel.winograd_tile == 4
+    y = np.full((1, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+    active_out, active_in = [np.arange(0, k, 3)], [np.arange(1, c, 2)]
+    kernel([zero_inactive(case.x, active_in, fill=np.nan)], [y], active_out=active_out, active_in=active_in)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(y, want, scale)
 
 
 @pytest.mark.parametrize(("size", "path"), [(7, "im2col_gemm"), (10, "im2col_gemm"), (11, "winograd_3x3"),
@@ -343,8 +380,10 @@ def test_conv_channel_compact_layouts_match_reference(backend: str, data: st.Dat
     """compact_in (the active input channels packed in the first planes) and compact_out (the active output
     channels written to the first planes, the other planes left alone) on every path that takes them
     (im2col, 1x1, Winograd, depthwise), against the dense reference with masked channels."""
-    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "winograd_3x3", "depthwise"]))
-    case = data.draw(winograd_cases() if kind == "winograd_3x3" else conv_cases(kind))
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "winograd_3x3", "winograd_4x4", "depthwise"]))
+    case = data.draw(winograd_cases() if kind.startswith("winograd") else conv_cases(kind))
+    tile = 4 if kind == "winograd_4x4" else 2
+    kind = "winograd_3x3" if kind.startswith("winograd") else kind
     assert path_of(case) == kind
     n, c, k = case.x.shape[0], case.in_shape[0], case.out_shape[0]
     compact_in, compact_out = data.draw(st.sampled_from([(True, False), (False, True), (True, True)]))
@@ -355,7 +394,8 @@ def test_conv_channel_compact_layouts_match_reference(backend: str, data: st.Dat
     want, scale = expected(case, active_out=active_out, active_in=active_in)
     x = _compact(case.x, active_in) if compact_in else zero_inactive(case.x, active_in)
     y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
-    kernel = factories(backend)["Conv"](_spec(case))
+    with winograd_tile(tile):
+        kernel = factories(backend)["Conv"](_spec(case))
     kernel([x], [y], active_out=active_out, active_in=active_in, compact_in=compact_in, compact_out=compact_out)
     if compact_out:
         for i, rows in enumerate(active_out):
@@ -409,7 +449,6 @@ def test_conv_gated_skips_inactive_output_channels(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_gated_depthwise_inactive_input_is_activated_bias(backend: str) -> None:
     """A depthwise channel whose input is inactive is act(bias) everywhere (sigmoid(b) != 0 shows it)."""
-    from parsicore.kernels.base import Activation
 
     c = 5
     bias = seeded_array(4, (c,))
@@ -484,7 +523,7 @@ def test_conv_one_kernel_many_threads(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", ["rows", "columns", "winograd"])
+@pytest.mark.parametrize("shape", ["rows", "columns", "winograd", "winograd_4x4"])
 def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With threads > 1 large GEMMs are split into chunks (row blocks, column blocks, Winograd slices) run by
@@ -502,7 +541,8 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
 
     monkeypatch.setattr(numpy_conv, "run_chunks", counting_run_chunks)
     monkeypatch.setattr(numpy_conv, "PARALLEL_GEMM_MACS", 0)  # small shapes, split anyway (the threshold is tuned)
-    c, k, size, kernel = {"rows": (64, 96, 6, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3)}[shape]
+    c, k, size, kernel = {"rows": (64, 96, 6, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3),
+                          "winograd_4x4": (64, 64, 28, 3)}[shape]
     pads = (kernel // 2,) * 4
     case = ConvCase(ConvAttrs(pads=pads), seeded_array(20, (2, c, size, size)),
                     seeded_array(21, (k, c, kernel, kernel), scale=0.1), seeded_array(22, (k,)), None, (k, size, size))
@@ -510,7 +550,8 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
     context.threads = 3
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,), context=context)
     kern = factories(backend)["Conv"](spec)
-    assert (kern.path == "winograd_3x3") == (shape == "winograd")
+    assert (kern.path == "winograd_3x3") == shape.startswith("winograd")
+    assert getattr(kern, "winograd_tile", None) == {"winograd": 2, "winograd_4x4": 4}.get(shape)
     y = np.full((2, *case.out_shape), np.nan, dtype=np.float32)
     kern([case.x], [y])
     assert splits and all(n > 1 for n in splits), "the GEMM should have been split"

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from parsicore.ops.base import NoAttrs
 from parsicore.ops.pool import AveragePoolOp, GlobalAveragePoolOp, GlobalMaxPoolOp, MaxPoolOp
-from tests.ops._strategies_conv import channel_lists, conv_cases, depthwise_cases, pool_cases, winograd_cases
+from tests.ops._strategies_conv import (
+    channel_lists,
+    conv_cases,
+    depthwise_cases,
+    pool_cases,
+    winograd_cases,
+    winograd_tile,
+)
 from tests.ops.test_conv import assert_close, expected, run_kernel, zero_inactive
 from tests.ops.test_pool import run_kernel as run_pool
 from tests.strategies import seeded_array
@@ -57,15 +64,18 @@ def test_conv_depthwise_3x3_parallel_build_matches_reference(data: st.DataObject
     assert_close(run_kernel("numba", case, x, active_out=active_out, active_in=active_in), want, scale)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @given(data=st.data())
-def test_conv_winograd_parallel_build_matches_reference(data: st.DataObject) -> None:
+def test_conv_winograd_parallel_build_matches_reference(tile: int, data: st.DataObject) -> None:
     case = data.draw(winograd_cases())
     n = case.x.shape[0]
     active_out = data.draw(st.one_of(st.none(), channel_lists(case.out_shape[0], n)))
     active_in = data.draw(st.one_of(st.none(), channel_lists(case.in_shape[0], n)))
     x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
     want, scale = expected(case, active_out=active_out, active_in=active_in)
-    assert_close(run_kernel("numba", case, x, active_out=active_out, active_in=active_in), want, scale)
+    with winograd_tile(tile):
+        got = run_kernel("numba", case, x, active_out=active_out, active_in=active_in)
+    assert_close(got, want, scale)
 
 
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])

@@ -246,7 +246,7 @@ class ConvMicrokernels:
     bias_activation: Callable[..., None]
     scatter_bias_activation: Callable[..., None]
     gather_weights: Callable[..., None]
-    #: Winograd F(2x2, 3x3): signatures as in parsicore.kernels.numpy_backend.winograd.
+    #: Winograd F(2x2, 3x3) and F(4x4, 3x3): signatures as in parsicore.kernels.numpy_backend.winograd.
     winograd_input: Callable[..., None]
     winograd_output: Callable[..., None]
     winograd_gather: Callable[..., None]
@@ -310,9 +310,11 @@ class ConvKernel:
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
         self.in_shape = (geom.c, geom.h, geom.w)
         if self.path == "winograd_3x3":
-            self.winograd_u = winograd.transform_weights(weight)
-            self.tiles_h, self.tiles_w = winograd.tiles(geom.ho, geom.wo)
-            # Gated calls with few tiles take the gathered im2col GEMM: gathering the 16 transformed weight
+            #: Output tile size: F(2x2, 3x3) or F(4x4, 3x3) (winograd.tile_size); slices = (m + 2)^2 GEMMs.
+            self.winograd_tile = winograd.tile_size(geom.c, geom.k, geom.ho, geom.wo)
+            self.winograd_u = winograd.transform_weights(weight, self.winograd_tile)
+            self.tiles_h, self.tiles_w = winograd.tiles(geom.ho, geom.wo, self.winograd_tile)
+            # Gated calls with few tiles take the gathered im2col GEMM: gathering the transformed weight
             # slices costs more than Winograd saves there (measured at 7x7 outputs). With more tiles, each gated
             # image still takes im2col when its active rows outnumber its active inputs (winograd.gated_pays).
             self.winograd_gated = winograd.tile_columns(self.tiles_h, self.tiles_w) >= winograd.GATED_MIN_COLUMNS
@@ -440,7 +442,7 @@ class ConvKernel:
     def _winograd_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
                         chans: np.ndarray | None, compact_in: bool = False, compact_out: bool = False) -> None:
         """One image, dense or gated. x: (C, H, W); y: (K, Ho, Wo) C-contiguous; rows/chans: sorted active output/input
-        channels (None = all): transform the active input channels, 16 GEMMs on the gathered active rows and
+        channels (None = all): transform the active input channels, 16 or 36 GEMMs on the gathered active rows and
         columns of the transformed weights, transform back the active output rows (the others 0)."""
         g = self.geom
         if chans is not None and chans.size == g.c:
@@ -456,28 +458,29 @@ class ConvKernel:
         compact_in = compact_in and chans is not None
         compact_out = compact_out and rows is not None
         count = winograd.tile_columns(self.tiles_h, self.tiles_w)
+        slices = self.winograd_u.shape[0]
         gather = rows is not None or chans is not None
-        u_buf, v_buf, m_buf = self.context.scratch(16 * n_rows * n_cols if gather else 0, 16 * n_cols * count,
-                                                   16 * n_rows * count)
-        m = m_buf.reshape(16, n_rows, count)
+        u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather else 0,
+                                                   slices * n_cols * count, slices * n_rows * count)
+        m = m_buf.reshape(slices, n_rows, count)
         if n_cols == 0:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
             u = self.winograd_u
             if rows is None and chans is not None:
-                # Input channels only: whole rows of U^T (16, C, K), one block copy each (the element gather along
-                # C ran at ~3 GB/s), then the 16 GEMMs on the transposed view (measured ~5 % slower than on a
+                # Input channels only: whole rows of U^T (X, C, K), one block copy each (the element gather along
+                # C ran at ~3 GB/s), then the GEMMs on the transposed view (measured ~5 % slower than on a
                 # C-ordered (K, S) slice; the gather saved ~0.5 ms at 256 channels of 14x14).
-                t = u_buf.reshape(16, n_cols, n_rows)
+                t = u_buf.reshape(slices, n_cols, n_rows)
                 self.micro.gather_rows(self._winograd_u_transposed(), chans, t, self.context)
                 u = t.transpose(0, 2, 1)
             elif gather:
-                u = u_buf.reshape(16, n_rows, n_cols)
+                u = u_buf.reshape(slices, n_rows, n_cols)
                 self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
-            v = v_buf.reshape(16, n_cols, count)
+            v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context)
-            # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each of the 16 slices.
+            # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice.
             self._matmul(u, v, m)
         if compact_out:
             self.micro.winograd_output(m, None, None if self.bias is None else self.bias[rows], self.activation,
@@ -487,7 +490,7 @@ class ConvKernel:
                                        self.context)
 
     def _winograd_u_transposed(self) -> np.ndarray:
-        """U^T: float32 (16, C, K), made on the first call gated by input channels only (dense and output-gated
+        """U^T: float32 (X, C, K), made on the first call gated by input channels only (dense and output-gated
         convs never pay its memory). Two threads racing here both build the same array; either one is kept."""
         transposed = self.__dict__.get("winograd_u_t")
         if transposed is None:
@@ -495,7 +498,7 @@ class ConvKernel:
         return transposed
 
     def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        """out = a @ b (2-D, or a stack of 16 Winograd slices), split over the run's threads when large: by
+        """out = a @ b (2-D, or a stack of 16 or 36 Winograd slices), split over the run's threads when large: by
         slices, else by row blocks of a/out when a has enough rows and is the larger operand, else by column
         blocks of b/out. BLAS packs the whole of the operand a chunk shares with the others, once per chunk:
         split by rows, ResNet-18's stem (a 64x147, b 147x12544) packed b four times and took as long with 2
