@@ -4,6 +4,7 @@ another, or a 2-thread run with Numba's parallel builds from the same run with t
     python scripts/profile_steps.py DENSE.h5 GATED.h5 [--threads 1] [--calls 40]   # e.g. a gated variant
     python scripts/profile_steps.py MODEL.h5 --serial-numba [--threads 2]           # parallel vs serial kernels
     python scripts/profile_steps.py MODEL.h5 --a-set winograd.MIN_TILES_F4=1073741824  # A loaded with a setting
+    python scripts/profile_steps.py MODEL.h5 --b-threads 2                           # 1 thread vs 2, per step
 
 Every step's kernel is wrapped in a timer (numba backend); steps are matched by name. Prints per step the two
 medians (us), the steps with the largest differences first, the sums, and the sums by the last part of the
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ab_settings import apply, parse_settings  # noqa: E402  (scripts/, this script's directory)
+
 import parsicore  # noqa: E402
 from parsicore.kernels.numba_backend import parallel  # noqa: E402
 
@@ -31,21 +33,14 @@ from parsicore.kernels.numba_backend import parallel  # noqa: E402
 @contextlib.contextmanager
 def settings(assignments: list[str]):  # type: ignore[no-untyped-def]
     """Integer module constants set while a model loads (the choices they make are fixed at load), e.g.
-    ``winograd.MIN_TILES_F4=1073741824`` (a module under parsicore.kernels.numpy_backend, or a full name)."""
-    saved = []
+    ``winograd.MIN_TILES_F4=1073741824`` (names as in scripts/ab_settings.py)."""
+    parsed = parse_settings(" ".join(assignments))
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in parsed]
     try:
-        for item in assignments:
-            name, value = item.split("=")
-            module_name, attr = name.rsplit(".", 1)
-            if not module_name.startswith("parsicore."):
-                module_name = "parsicore.kernels.numpy_backend." + module_name
-            module = importlib.import_module(module_name)
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, int(value))
+        apply(parsed)
         yield
     finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
+        apply(saved)
 
 
 def timed(path: Path, threads: int) -> tuple[parsicore.Model, dict[str, list[float]]]:
@@ -69,15 +64,17 @@ def main() -> None:
     ap.add_argument("--a-set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="load A with this module constant (repeatable); B is A's model without it by default")
     ap.add_argument("--threads", type=int, default=None, help="default 1, or 2 with --serial-numba")
+    ap.add_argument("--b-threads", type=int, default=None, help="B's thread count (default: --threads)")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    if args.b is None and not args.serial_numba and not args.a_set:
-        ap.error("give a second model, --serial-numba or --a-set")
+    if args.b is None and not args.serial_numba and not args.a_set and args.b_threads is None:
+        ap.error("give a second model, --serial-numba, --a-set or --b-threads")
     threads = args.threads or (2 if args.serial_numba else 1)
     with settings(args.a_set):
         a, ta = timed(args.a, threads)
-    b, tb = timed(args.b or args.a, threads)
+    b_threads = args.b_threads or threads
+    b, tb = timed(args.b or args.a, b_threads)
     x = np.random.default_rng(0).random((1, *a.inputs[0].shape[1:]), dtype=np.float32)
     default_work = parallel.MIN_PARALLEL_WORK
 
@@ -100,6 +97,8 @@ def main() -> None:
     ops = {s.name: (s.op_type, tuple(s.out_shapes[0])) for s in (*a.plan.steps, *b.plan.steps)}
     label_b = "serial numba" if args.serial_numba else (args.b or args.a).name
     label_a = args.a.name + "".join(f" ({item})" for item in args.a_set)
+    if b_threads != threads:
+        label_a, label_b = f"{label_a} at {threads} thread(s)", f"{label_b} at {b_threads}"
     print(f"A = {label_a}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
     names = list(dict.fromkeys([*ma, *mb]))
     for name in sorted(names, key=lambda n: -abs(mb.get(n, 0.0) - ma.get(n, 0.0)))[: args.top]:

@@ -3,6 +3,8 @@ backend against the reference (im2col-GEMM, 1x1 GEMM, depthwise, grouped, gated 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -541,6 +543,7 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
 
     monkeypatch.setattr(numpy_conv, "run_chunks", counting_run_chunks)
     monkeypatch.setattr(numpy_conv, "PARALLEL_GEMM_MACS", 0)  # small shapes, split anyway (the threshold is tuned)
+    monkeypatch.setattr(numpy_conv, "PARALLEL_WINOGRAD_MACS", 0)  # F(4x4): the whole conv on the threads
     c, k, size, kernel = {"rows": (64, 96, 6, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3),
                           "winograd_4x4": (64, 64, 28, 3)}[shape]
     pads = (kernel // 2,) * 4
@@ -552,9 +555,21 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
     kern = factories(backend)["Conv"](spec)
     assert (kern.path == "winograd_3x3") == shape.startswith("winograd")
     assert getattr(kern, "winograd_tile", None) == {"winograd": 2, "winograd_4x4": 4}.get(shape)
+    transforms: list[object] = []  # the `parallel` choice each Winograd transform was called with
+
+    def spy(transform):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            transforms.append(args[8] if len(args) > 8 else kwargs.get("parallel"))
+            return transform(*args, **kwargs)
+        return run
+
+    kern.micro = dataclasses.replace(kern.micro, winograd_input=spy(kern.micro.winograd_input),
+                                     winograd_output=spy(kern.micro.winograd_output))
     y = np.full((2, *case.out_shape), np.nan, dtype=np.float32)
     kern([case.x], [y])
     assert splits and all(n > 1 for n in splits), "the GEMM should have been split"
+    # F(4x4) runs its transforms in their parallel builds with the split GEMM; F(2x2)'s choose by size
+    assert transforms == {"winograd": [None] * 4, "winograd_4x4": [True] * 4}.get(shape, [])
     want, scale = expected(case)
     assert_close(y, want, scale)
     active_out = [np.arange(0, k, 2), np.arange(k)]

@@ -293,26 +293,33 @@ def _threads(context: KernelContext | None) -> int | None:
     return None if context is None else context.threads
 
 
+def _work(elements: int, parallel: bool | None) -> int:
+    """The work figure a kernel pair is called with: ``elements``, or forced past (or under) its threshold
+    when the caller decided for the whole conv (``parallel`` True / False)."""
+    return elements if parallel is None else (1 << 62 if parallel else 0)
+
+
 def input_transform(x: np.ndarray, channels: np.ndarray | None, top: int, left: int, tiles_h: int, tiles_w: int,
-                    out: np.ndarray, context: KernelContext | None = None) -> None:
-    """As numpy_backend.winograd.input_transform."""
+                    out: np.ndarray, context: KernelContext | None = None, parallel: bool | None = None) -> None:
+    """As numpy_backend.winograd.input_transform; ``parallel``: the caller's choice of build (None: by size)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if channels is None:
         channels = all_indices(x.shape[0])
-    _input_kernel(_threads(context), out.size, x, channels, top, left, tiles_h, tiles_w + 1, variant(out.shape[0]),
-                  chunk_count(channels.shape[0]), out)
+    _input_kernel(_threads(context), _work(out.size, parallel), x, channels, top, left, tiles_h, tiles_w + 1,
+                  variant(out.shape[0]), chunk_count(channels.shape[0]), out)
 
 
 def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | None, act: Activation | None,
-                     tiles_h: int, tiles_w: int, y: np.ndarray, context: KernelContext | None = None) -> None:
-    """As numpy_backend.winograd.output_transform."""
+                     tiles_h: int, tiles_w: int, y: np.ndarray, context: KernelContext | None = None,
+                     parallel: bool | None = None) -> None:
+    """As numpy_backend.winograd.output_transform; ``parallel`` as in input_transform."""
     code, alpha, beta, lo, hi = activation_params(act)
     k = y.shape[0]
     if rows is None:
         rows = all_indices(k)
     has_bias = bias is not None
     bias = bias if has_bias else zeros(k)
-    _output_kernel(_threads(context), y.size, m, rows, bias, has_bias, tiles_h, tiles_w, tiles_w + 1,
+    _output_kernel(_threads(context), _work(y.size, parallel), m, rows, bias, has_bias, tiles_h, tiles_w, tiles_w + 1,
                    variant(m.shape[0]), chunk_count(k), code, alpha, beta, lo, hi, y)
 
 

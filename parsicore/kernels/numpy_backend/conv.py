@@ -39,6 +39,17 @@ from parsicore.threads import run_chunks
 #: --only gemm_splits: 144x24x3136 202 us in one call, 250 us in 4 chunks on 2 threads): at 2^25 no
 #: MobileNetV2 GEMM is split and ResNet-18 keeps its gain (2 threads / 1: 0.76 at 2^23, 0.77 at 2^25).
 PARALLEL_GEMM_MACS = 1 << 25
+#: An F(4x4) Winograd conv at least this large (MACs of its GEMMs) runs on all the run's threads as a whole: its
+#: input transform, its GEMMs (split by whole slices, which share no operand) and its output transform. F(4x4)
+#: cut the work of ResNet-18's layers 1-2 below every per-kernel threshold, so with 2 threads they ran serially
+#: (and no faster than with 1); deciding per conv also keeps each kernel's output on the cores its reader runs
+#: on. Against never forcing (python scripts/ab_settings.py MODEL --threads 2 --a
+#: "conv.PARALLEL_WINOGRAD_MACS=4611686018427387904" --b "conv.PARALLEL_WINOGRAD_MACS=16777216", Xeon VM):
+#: ResNet-18 0.93-0.94x at 2^24 (0.92x at 2^23); its 50 %-off variant 0.99-1.00x at 2^24 but 1.04-1.05x at 2^23
+#: (its 15M-MAC gated layer-1 convs lost); 25 % and 75 % off 0.98x and 1.00x. F(2x2) convs keep the per-kernel
+#: rules: forced whole in a draft of this change, ResNet-18's 14x14 ones ran 1.05-1.1x slower per step (their
+#: transforms are light; a one-off check).
+PARALLEL_WINOGRAD_MACS = 1 << 24
 #: Fewest rows per row block when a GEMM is split by rows (else it is split by columns).
 GEMM_CHUNK = 32
 
@@ -463,6 +474,10 @@ class ConvKernel:
         u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather else 0,
                                                    slices * n_cols * count, slices * n_rows * count)
         m = m_buf.reshape(slices, n_rows, count)
+        threads = self.context.threads
+        # True: the whole conv on all threads; None: each kernel by its own size rule (PARALLEL_WINOGRAD_MACS).
+        parallel = True if (self.winograd_tile == 4 and threads is not None and threads > 1
+                            and m.size * n_cols >= PARALLEL_WINOGRAD_MACS) else None
         if n_cols == 0:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
@@ -479,15 +494,15 @@ class ConvKernel:
                 self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
             v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
-                                      self.tiles_w, v, self.context)
+                                      self.tiles_w, v, self.context, parallel)
             # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice.
-            self._matmul(u, v, m)
+            self._matmul(u, v, m, parallel)
         if compact_out:
             self.micro.winograd_output(m, None, None if self.bias is None else self.bias[rows], self.activation,
-                                       self.tiles_h, self.tiles_w, y[:n_rows], self.context)
+                                       self.tiles_h, self.tiles_w, y[:n_rows], self.context, parallel)
         else:
             self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y,
-                                       self.context)
+                                       self.context, parallel)
 
     def _winograd_u_transposed(self) -> np.ndarray:
         """U^T: float32 (X, C, K), made on the first call gated by input channels only (dense and output-gated
@@ -497,15 +512,16 @@ class ConvKernel:
             transposed = self.winograd_u_t = np.ascontiguousarray(self.winograd_u.transpose(0, 2, 1))
         return transposed
 
-    def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, split: bool | None = None) -> None:
         """out = a @ b (2-D, or a stack of 16 or 36 Winograd slices), split over the run's threads when large: by
         slices, else by row blocks of a/out when a has enough rows and is the larger operand, else by column
         blocks of b/out. BLAS packs the whole of the operand a chunk shares with the others, once per chunk:
         split by rows, ResNet-18's stem (a 64x147, b 147x12544) packed b four times and took as long with 2
-        threads as with 1. BLAS itself runs single-threaded (see parsicore.threads)."""
+        threads as with 1. BLAS itself runs single-threaded (see parsicore.threads). ``split``: the caller's
+        choice (None: split from PARALLEL_GEMM_MACS)."""
         threads = self.context.threads
         macs = out.size * a.shape[-1]
-        if threads is None or threads <= 1 or macs < PARALLEL_GEMM_MACS:
+        if threads is None or threads <= 1 or (macs < PARALLEL_GEMM_MACS if split is None else not split):
             np.matmul(a, b, out=out)
             return
         if a.ndim == 3:

@@ -141,10 +141,11 @@ def _combine(matrix: np.ndarray, planes: list[np.ndarray], out: list[np.ndarray]
 
 
 def input_transform(x: np.ndarray, channels: np.ndarray | None, top: int, left: int, tiles_h: int, tiles_w: int,
-                    out: np.ndarray, context: KernelContext | None = None) -> None:
+                    out: np.ndarray, context: KernelContext | None = None, parallel: bool | None = None) -> None:
     """One image. x: float32 (C, H, W); channels: int64 (S,) or None -> out: float32 (alpha^2, S, T) = B^T d B of
     every tile's alpha x alpha patch of the zero-padded input (padded row/col 0 is input row -top / col -left);
-    the variant (m = 2 or 4) is out's first dimension (16 or 36)."""
+    the variant (m = 2 or 4) is out's first dimension (16 or 36). ``parallel``: whether a backend with serial and
+    parallel builds takes the parallel one (None: its own size rule; ignored here)."""
     m = variant(out.shape[0])
     bt = MATRICES[m][0]
     alpha = m + 2
@@ -179,9 +180,11 @@ def input_transform(x: np.ndarray, channels: np.ndarray | None, top: int, left: 
 
 
 def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | None, act: Activation | None,
-                     tiles_h: int, tiles_w: int, y: np.ndarray, context: KernelContext | None = None) -> None:
+                     tiles_h: int, tiles_w: int, y: np.ndarray, context: KernelContext | None = None,
+                     parallel: bool | None = None) -> None:
     """m: float32 (alpha^2, R, T), the products for output channels ``rows`` (int64 (R,), sorted; None = all K)
-    -> y: float32 (K, Ho, Wo), C-contiguous: y[rows] = act(A^T m A + bias) cropped to (Ho, Wo); other rows 0."""
+    -> y: float32 (K, Ho, Wo), C-contiguous: y[rows] = act(A^T m A + bias) cropped to (Ho, Wo); other rows 0.
+    ``parallel`` as in input_transform."""
     size = variant(m.shape[0])
     at = MATRICES[size][2]
     alpha = size + 2
