@@ -7,7 +7,7 @@ Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take w
 the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
 subsets (NumPy fancy indexing vs Numba), a 3x3 conv at few output tiles (im2col vs Winograd, whole one-conv
 models: the choice winograd.MIN_TILES makes), F(2x2) vs F(4x4) Winograd on the same conv (winograd.tile_size),
-a GEMM in one call vs split in 4 chunks over 2 threads (PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its
+a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its
 inputs on (dense GEMM vs weight-column gather + smaller GEMM). Every variant's output is checked against the first's.
 """
 
@@ -172,27 +172,32 @@ def winograd_tiles(rng: np.random.Generator, rounds: int) -> None:
 
 
 def gemm_splits(rng: np.random.Generator, rounds: int) -> None:
+    """One GEMM in one call against split in 2 and in 4 blocks over 2 threads (PARALLEL_GEMM_MACS,
+    GEMM_CHUNKS_PER_THREAD), by rows or columns as ConvKernel._matmul splits it."""
     for m, kk, n in [(96, 16, 12544), (144, 24, 3136), (576, 96, 196), (960, 160, 49), (64, 147, 12544),
-                     (512, 4608, 49)]:
+                     (256, 2304, 196), (512, 4608, 49)]:
         a = rng.random((m, kk), dtype=np.float32)
         b = rng.random((kk, n), dtype=np.float32)
         o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
         by_rows = m >= 64 and a.size >= b.size  # as ConvKernel._matmul splits
-        step = -(-(m if by_rows else n) // 4)
-
-        def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o2=o2) -> None:
-            s = slice(i * step, (i + 1) * step)
-            if by_rows:
-                np.matmul(a[s], b, out=o2[s])
-            else:
-                np.matmul(a, b[:, s], out=o2[:, s])
-
-        count = -(-(m if by_rows else n) // step)
         np.matmul(a, b, out=o1)
-        run_chunks(chunk, count, 2)
-        np.testing.assert_allclose(o2, o1, rtol=1e-5)
-        row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "1 call", "4 chunks, 2 threads",
-            alternate(partial(np.matmul, a, b, out=o1), partial(run_chunks, chunk, count, 2), rounds))
+        for blocks in (2, 4):
+            step = -(-(m if by_rows else n) // blocks)
+
+            def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o2=o2) -> None:
+                s = slice(i * step, (i + 1) * step)
+                if by_rows:
+                    np.matmul(a[s], b, out=o2[s])
+                else:
+                    np.matmul(a, b[:, s], out=o2[:, s])
+
+            count = -(-(m if by_rows else n) // step)
+            o2.fill(np.nan)
+            run_chunks(chunk, count, 2)
+            np.testing.assert_allclose(o2, o1, rtol=1e-5)
+            row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "1 call",
+                f"{blocks} {'row' if by_rows else 'column'} blocks, 2 threads",
+                alternate(partial(np.matmul, a, b, out=o1), partial(run_chunks, chunk, count, 2), rounds))
 
 
 def pointwise_input_gathers(rng: np.random.Generator, rounds: int) -> None:

@@ -52,6 +52,13 @@ PARALLEL_GEMM_MACS = 1 << 25
 PARALLEL_WINOGRAD_MACS = 1 << 24
 #: Fewest rows per row block when a GEMM is split by rows (else it is split by columns).
 GEMM_CHUNK = 32
+#: Row or column blocks per thread of a split 2-D GEMM. Each block packs the whole shared operand again, so one
+#: per thread (with blocks taken on demand a late helper still costs at most one block). Alone, 2 threads
+#: (python scripts/bench_kernels.py --only gemm_splits): 512x4608x49 1223 us in 2 row blocks, 1337 in 4;
+#: 256x2304x196 984 vs 1128; the stem's 64x147x12544 1243 vs 1213 in column blocks. In the model (python
+#: scripts/ab_settings.py MODEL --threads 2 --a "conv.GEMM_CHUNKS_PER_THREAD=2" --b "conv.GEMM_CHUNKS_PER_THREAD=1"):
+#: ResNet-18 0.96-0.98x, its 50 %-off variant 0.99x, MobileNetV2 and the VGG-style CNN 1.00x.
+GEMM_CHUNKS_PER_THREAD = 1
 
 #: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
 MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
@@ -532,14 +539,14 @@ class ConvKernel:
                 s = slice(i * step, (i + 1) * step)
                 np.matmul(a[s], b[s], out=out[s])
         elif a.shape[0] >= GEMM_CHUNK * threads and a.size >= b.size:
-            step = -(-a.shape[0] // (2 * threads))
+            step = -(-a.shape[0] // (GEMM_CHUNKS_PER_THREAD * threads))
             count = -(-a.shape[0] // step)
 
             def task(i: int) -> None:
                 s = slice(i * step, (i + 1) * step)
                 np.matmul(a[s], b, out=out[s])
         else:
-            step = -(-b.shape[1] // (2 * threads))
+            step = -(-b.shape[1] // (GEMM_CHUNKS_PER_THREAD * threads))
             count = -(-b.shape[1] // step)
 
             def task(i: int) -> None:
