@@ -99,7 +99,9 @@ def main() -> None:
     label_a = args.a.name + "".join(f" ({item})" for item in args.a_set)
     if b_threads != threads:
         label_a, label_b = f"{label_a} at {threads} thread(s)", f"{label_b} at {b_threads}"
-    print(f"A = {label_a}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
+        print(f"A = {label_a}, B = {label_b}, median of {args.calls} calls (us)")
+    else:
+        print(f"A = {label_a}, B = {label_b}, {threads} thread(s), median of {args.calls} calls (us)")
     names = list(dict.fromkeys([*ma, *mb]))
     for name in sorted(names, key=lambda n: -abs(mb.get(n, 0.0) - ma.get(n, 0.0)))[: args.top]:
         op, shape = ops[name]

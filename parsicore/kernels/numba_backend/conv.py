@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
-from parsicore.kernels.numba_backend import winograd
+from parsicore.kernels.numba_backend import epilogue, winograd
 from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
@@ -246,7 +246,8 @@ def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | No
         raise ValueError("bias_activation needs a C-contiguous y (it works in place)")
     has_bias = bias is not None
     bias = bias if has_bias else zeros(k)
-    bias_activation_rows(_threads(context), y.size, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
+    work = y.size // epilogue.EPILOGUE_WORK_DIVISOR
+    bias_activation_rows(_threads(context), work, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
 
 
 def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,
@@ -257,7 +258,8 @@ def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarr
         raise ValueError("scatter_bias_activation needs C-contiguous values and y")
     has_bias = bias is not None
     bias = bias if has_bias else zeros(y.shape[0])
-    scatter_rows(_threads(context), y.size, values, rows, bias, has_bias, code, alpha, beta, lo, hi, y)
+    work = y.size // epilogue.EPILOGUE_WORK_DIVISOR
+    scatter_rows(_threads(context), work, values, rows, bias, has_bias, code, alpha, beta, lo, hi, y)
 
 
 # --- depthwise ------------------------------------------------------------------------------------------

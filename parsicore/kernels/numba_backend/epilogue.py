@@ -24,6 +24,15 @@ RELU, CLIP, LEAKY_RELU, SIGMOID, TANH, HARD_SIGMOID, HARD_SWISH, SILU = (
 
 ActivationParams = tuple[int, np.float32, np.float32, np.float32, np.float32]
 
+#: An epilogue call's work (against parallel.MIN_PARALLEL_WORK) is its element count divided by this: one read,
+#: one write and a few flops per element, so on cores that share the memory bus a parallel build saves little
+#: and its reader pays for the half written on the other core. MobileNetV2's block1.expand (1.2M elements) was
+#: the one epilogue of the benchmark models past 2^20: 2 threads, parallel against serial numba (python
+#: scripts/profile_steps.py mobilenet_v2.h5 --serial-numba), it took 1098 against 919 us and the depthwise conv
+#: reading it 826 against 554. Whole model, 2 threads (python scripts/ab_settings.py mobilenet_v2.h5 --a
+#: "epilogue.EPILOGUE_WORK_DIVISOR=1" --b "epilogue.EPILOGUE_WORK_DIVISOR=8"): 0.94x; its 50 %-off variant 1.00x.
+EPILOGUE_WORK_DIVISOR = 8
+
 
 @functools.lru_cache(maxsize=256)
 def zeros(n: int) -> np.ndarray:
