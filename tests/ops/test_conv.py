@@ -149,6 +149,51 @@ def test_conv_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> Non
     assert_close(run_kernel(backend, case), want, scale)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=conv_cases("im2col_gemm"), block=st.integers(1, 400))
+def test_conv_im2col_row_blocks_match_reference(backend: str, threads: int, case: ConvCase, block: int) -> None:
+    """The blocked im2col conv (large column matrices: im2col, GEMM and epilogue per block of output rows, the
+    blocks spread over threads), forced on small cases with blocks of a few rows (some all padding)."""
+    assume(path_of(case) == "im2col_gemm" and case.attrs.groups == 1)
+    from parsicore.kernels.base import KernelContext
+    from parsicore.kernels.numpy_backend import conv as numpy_conv
+
+    saved = numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS
+    numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS = 0, block
+    try:
+        context = KernelContext()
+        context.threads = threads
+        spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                          activation=case.activation, context=context)
+        kernel = factories(backend)["Conv"](spec)
+    finally:
+        numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS = saved
+    assert kernel.row_blocks is not None
+    y = np.full((case.x.shape[0], *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_stem_sized_im2col_runs_in_row_blocks(backend: str) -> None:
+    """A 7x7 stride-2 stem with a column matrix past BLOCKED_IM2COL_MIN (147 x 88*88) takes row blocks, and
+    matches the reference; a smaller one (80x80 outputs) does not."""
+    def case(size: int) -> ConvCase:
+        out = (size + 6 - 7) // 2 + 1
+        return ConvCase(ConvAttrs(stride=(2, 2), pads=(3, 3, 3, 3)), seeded_array(50, (1, 3, size, size)),
+                        seeded_array(51, (16, 3, 7, 7), scale=0.1), seeded_array(52, (16,)), Activation("relu"),
+                        (16, out, out))
+
+    big, small = case(176), case(160)
+    kernel = factories(backend)["Conv"](_spec(big))
+    assert kernel.row_blocks is not None and len(kernel.row_blocks) > 1
+    assert factories(backend)["Conv"](_spec(small)).row_blocks is None
+    want, scale = expected(big)
+    assert_close(run_kernel(backend, big), want, scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=conv_cases("gemm_1x1"))
 def test_conv_1x1_gemm_matches_reference(backend: str, case: ConvCase) -> None:

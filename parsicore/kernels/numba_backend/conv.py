@@ -27,6 +27,7 @@ from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
     all_indices,
+    bias_activation_columns,
     bias_activation_rows,
     finish_row,
     scatter_rows,
@@ -248,6 +249,19 @@ def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | No
     bias = bias if has_bias else zeros(k)
     work = y.size // epilogue.EPILOGUE_WORK_DIVISOR
     bias_activation_rows(_threads(context), work, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
+
+
+def bias_activation_block(y: np.ndarray, start: int, stop: int, bias: np.ndarray | None, act: Activation | None,
+                          context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.bias_activation_block: y: float32 (K, P), C-contiguous; columns [start, stop)."""
+    code, alpha, beta, lo, hi = activation_params(act)
+    if bias is None and code == 0:
+        return
+    if not y.flags.c_contiguous:
+        raise ValueError("bias_activation_block needs a C-contiguous y (it works in place)")
+    has_bias = bias is not None
+    bias_activation_columns(y, start, stop, bias if has_bias else zeros(y.shape[0]), has_bias, code, alpha, beta, lo,
+                            hi)
 
 
 def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,
@@ -542,6 +556,7 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
 
 
 NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
+                                      bias_activation_block=bias_activation_block,
                                       scatter_bias_activation=scatter_bias_activation,
                                       gather_weights=gather_weights, winograd_input=winograd.input_transform,
                                       winograd_output=winograd.output_transform,

@@ -60,6 +60,13 @@ GEMM_CHUNK = 32
 #: ResNet-18 0.96-0.98x, its 50 %-off variant 0.99x, MobileNetV2 and the VGG-style CNN 1.00x.
 GEMM_CHUNKS_PER_THREAD = 1
 
+#: A dense im2col conv (groups 1) whose column matrix has at least this many elements (ResNet-18's 7x7 stem:
+#: 1.8M) runs in blocks of output rows, each block's column matrix about BLOCK_COLUMNS elements (512 KB, so it
+#: and its output block stay in a 2 MB L2): its im2col, GEMM and epilogue run back to back, and with threads
+#: the blocks go to the threads: TUNED.
+BLOCKED_IM2COL_MIN = 1 << 20
+BLOCK_COLUMNS = 1 << 17
+
 #: Per-channel work of a gated depthwise conv (see ``depthwise`` microkernels): write 0, write act(bias), compute.
 MODE_ZERO, MODE_BIAS, MODE_COMPUTE = 0, 1, 2
 
@@ -187,6 +194,12 @@ def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | No
     apply_activation(y, act)
 
 
+def bias_activation_block(y: np.ndarray, start: int, stop: int, bias: np.ndarray | None, act: Activation | None,
+                          context: KernelContext | None = None) -> None:
+    """y: float32 (K, P), columns [start, stop) in place: add bias (K,) per row, then the activation."""
+    bias_activation(y[None, :, start:stop], bias, act)
+
+
 def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,
                             y: np.ndarray, context: KernelContext | None = None) -> None:
     """values: float32 (R, P), the GEMM on output rows ``rows`` (int64 (R,), sorted) -> y: float32 (K, P),
@@ -262,6 +275,8 @@ class ConvMicrokernels:
     im2col: Callable[..., None]
     depthwise: Callable[..., None]
     bias_activation: Callable[..., None]
+    #: (y (K, P), start, stop, bias, act, context): the epilogue on one column block (a blocked conv's rows).
+    bias_activation_block: Callable[..., None]
     scatter_bias_activation: Callable[..., None]
     gather_weights: Callable[..., None]
     #: Winograd F(2x2, 3x3) and F(4x4, 3x3): signatures as in parsicore.kernels.numpy_backend.winograd.
@@ -273,6 +288,7 @@ class ConvMicrokernels:
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
+                                      bias_activation_block=bias_activation_block,
                                       scatter_bias_activation=scatter_bias_activation,
                                       gather_weights=gather_weights, winograd_input=winograd.input_transform,
                                       winograd_output=winograd.output_transform,
@@ -324,6 +340,9 @@ class ConvKernel:
         self.taps = self.packed.reshape(geom.k, geom.cg, geom.kh * geom.kw)
         self.filters = self.packed.reshape(geom.c, geom.kh, geom.kw) if geom.is_depthwise else None
         self._depthwise_sub: dict[int, ConvGeometry] = {}  # active count -> its geometry (_depthwise_compact)
+        self.row_blocks = _row_blocks(geom) if (
+            self.path == "im2col_gemm" and geom.groups == 1 and geom.c * geom.kh * geom.kw * geom.pixels
+            >= BLOCKED_IM2COL_MIN) else None
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
         self.in_shape = (geom.c, geom.h, geom.w)
@@ -391,6 +410,10 @@ class ConvKernel:
             cols = flat.reshape(g.groups, g.cg * g.kh * g.kw, g.pixels)
         # One BLAS call per image (per group): np.matmul with out= and a broadcast batch dimension falls off
         # BLAS onto a slow loop (~400x slower), so the batch is never broadcast.
+        if self.row_blocks is not None:
+            for i in range(n):
+                self._blocked_image(x[i], y[i].reshape(g.k, g.pixels))
+            return
         for i in range(n):
             if cols is None:
                 b = x[i].reshape(g.groups, g.cg, g.pixels)
@@ -400,6 +423,29 @@ class ConvKernel:
             for group in range(g.groups):
                 self._matmul(self.packed[group], b[group], out[i, group])
         self.micro.bias_activation(y.reshape(n, g.k, g.pixels), self.bias, self.activation, self.context)
+
+    def _blocked_image(self, x: np.ndarray, y: np.ndarray) -> None:
+        """One image of a dense im2col conv, block by block of output rows (BLOCKED_IM2COL_MIN). x: (C, H, W);
+        y: (K, Ho*Wo) C-contiguous. Each block's column matrix comes from the input rows it reads (a sub-geometry
+        with that block's padding), its GEMM writes the block's output columns, then its epilogue runs."""
+        g = self.geom
+        blocks = self.row_blocks
+        assert blocks is not None
+
+        def task(i: int) -> None:
+            r0, r1, p0, p1, sub = blocks[i]
+            (flat,) = self.context.scratch(g.c * g.kh * g.kw * (p1 - p0))
+            cols = flat.reshape(-1, p1 - p0)
+            self.micro.im2col(x[:, r0:r1], None, sub, cols, None)  # serial: a block is one thread's share
+            np.matmul(self.packed_2d, cols, out=y[:, p0:p1])
+            self.micro.bias_activation_block(y, p0, p1, self.bias, self.activation, None)
+
+        threads = self.context.threads
+        if threads is not None and threads > 1:
+            run_chunks(task, len(blocks), threads)
+        else:
+            for i in range(len(blocks)):
+                task(i)
 
     def _gated_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, chans: np.ndarray | None,
                      compact_in: bool = False, compact_out: bool = False) -> None:
@@ -611,6 +657,22 @@ class ConvKernel:
                 modes[i] = MODE_ZERO
                 modes[i, rows[i]] = kept
         return modes
+
+
+def _row_blocks(g: ConvGeometry) -> list[tuple[int, int, int, int, ConvGeometry]]:
+    """The output row blocks of a blocked im2col conv: per block (first input row read, last + 1, first output
+    column, last + 1, the geometry of the block alone: its input rows, its output rows, its share of padding)."""
+    rows = max(1, BLOCK_COLUMNS // (g.c * g.kh * g.kw * g.wo))
+    reach = (g.kh - 1) * g.dil_h + 1
+    blocks = []
+    for oh0 in range(0, g.ho, rows):
+        oh1 = min(g.ho, oh0 + rows)
+        first, last = oh0 * g.stride_h - g.top, (oh1 - 1) * g.stride_h - g.top + reach  # padded rows read
+        r0, r1 = min(max(first, 0), g.h), max(min(last, g.h), 0)
+        r1 = max(r1, r0)
+        sub = replace(g, h=r1 - r0, ho=oh1 - oh0, top=r0 - first, bottom=last - r1)
+        blocks.append((r0, r1, oh0 * g.wo, oh1 * g.wo, sub))
+    return blocks
 
 
 def _within(sorted_channels: np.ndarray, lo: int, hi: int) -> np.ndarray:
