@@ -51,15 +51,156 @@ def _a_transpose(src, s0, s1, s2, s3, dst, d0, d1, length):
         dst[d1 + q] = v1 - v2 - src[s3 + q]
 
 
+@serial_and_parallel
+def _input_kernel(x, channels, top, left, tiles_h, pitch, chunks, out):
+    """x: float32 (C, H, W); channels: int64 (S,) -> out: float32 (16, S, tiles_h*pitch).
+
+    Per channel the zero-padded plane is split into its four (row parity, column parity) phases, each
+    (tiles_h + 1) x pitch. Tile (ty, tx) sits at q = ty*pitch + tx and reads padded (2ty + i, 2tx + j) =
+    phase (i % 2, j % 2) at q + (i // 2)*pitch + j // 2, so each of the 16 transformed values is a
+    sum/difference of whole shifted phase planes: long unit-stride loops that vectorise (first B^T d into
+    16 planes, then (.) B into the output). Column ``tiles_w`` of each tile row (q = ty*pitch + tiles_w) is
+    padding whose values are never used. The planes are allocated once per chunk of channels (their zero
+    padding is never written, so it stays zero), and indices are unsigned (see the module docstring).
+    """
+    _, h, w = x.shape
+    n_sel = channels.shape[0]
+    u = np.uint64
+    p = u(pitch)
+    phase_rows = tiles_h + 1
+    plane = u(phase_rows) * p
+    length = u(tiles_h) * p
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    stride_xi = u(n_sel) * length
+    for chunk in numba.prange(chunks):
+        # phase (row parity r, column parity c) at (2r + c) * plane; + 1: the last tile row's padding
+        # column reads one element past the last plane
+        phases = np.zeros(int(u(4) * plane + u(1)), dtype=np.float32)
+        e = np.empty(int(u(16) * length), dtype=np.float32)
+        first_channel, stop = chunk_bounds(chunk, chunks, n_sel)
+        for s in range(first_channel, stop):
+            source = u(channels[s]) * u(h) * u(w)
+            for ih in range(h):
+                row = ih + top
+                if row >= 2 * phase_rows:
+                    break
+                src_row = source + u(ih) * u(w)
+                for parity in range(2):
+                    first = (parity - left) % 2
+                    count = min((w - first + 1) // 2, pitch - (first + left) // 2)
+                    dst = u((row % 2) * 2 + parity) * plane + u(row // 2) * p + u((first + left) // 2)
+                    src = src_row + u(first)
+                    for t in range(max(count, 0)):
+                        phases[dst + u(t)] = xf[src + u(2) * u(t)]
+            # e[a, j] = (B^T d)[a] for tile column offset j: rows combined, whole planes
+            for j in range(4):
+                col = u(j // 2)
+                d0 = u(j % 2) * plane + col               # padded row 2ty + 0: phase (0, j % 2)
+                d1 = u(2 + j % 2) * plane + col           # row 2ty + 1: phase (1, j % 2)
+                d2 = d0 + p                               # row 2ty + 2
+                d3 = d1 + p                               # row 2ty + 3
+                e0 = u(j) * length
+                e1 = u(4 + j) * length
+                e2 = u(8 + j) * length
+                e3 = u(12 + j) * length
+                _b_transpose(phases, d0, d1, d2, d3, e, e0, e1, e2, e3, length)
+            base = u(s) * length
+            for a in range(4):
+                f0 = u(4 * a) * length
+                f1 = f0 + length
+                f2 = f1 + length
+                f3 = f2 + length
+                o0 = u(4 * a) * stride_xi + base
+                o1 = o0 + stride_xi
+                o2 = o1 + stride_xi
+                o3 = o2 + stride_xi
+                _b_transpose(e, f0, f1, f2, f3, of, o0, o1, o2, o3, length)
+
+
 @jit_inline
-def _split_phases(xf, source, h, w, top, left, m, phase_rows, pitch, plane, phases):
-    """One input plane (h x w floats at unsigned offset ``source`` of xf) into the m*m (row % m, column % m)
-    phases of its zero-padded version (padded row/col 0 = input row -top / col -left): phase (r, c) starts at
-    (m*r + c) * plane, its row i is padded row m*i + r (phase_rows rows of ``pitch``). Only interior positions
-    are written, so the padding a caller zeroed once stays zero. Each input row's whole groups of m columns go
-    in one loop that writes all m column phases (an interleaved access LLVM vectorises); the few columns before
-    and after, one by one. One strided loop per phase (the earlier kernel) took 107 against 56 us for F(2x2)
-    and 155 against 78 us for F(4x4) at 64 channels of 56x56 (a one-off check, 1 thread)."""
+def _product_row(rows, k, yf, y0, plane_out):
+    """The row of the products that output channel k was computed in (rows: int64, sorted), or -1 after
+    zeroing its output plane (plane_out floats at unsigned offset y0 of yf) when k is not among them."""
+    r = np.searchsorted(rows, k)
+    if r >= rows.shape[0] or rows[r] != k:
+        for t in range(plane_out):
+            yf[y0 + t] = 0.0
+        return -1
+    return r
+
+
+@serial_and_parallel
+def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, code, alpha, beta, lo, hi, y):
+    """m: float32 (16, R, tiles_h*pitch); rows: int64 (R,) sorted, the output channel of each m row -> y:
+    float32 (K, Ho, Wo): y[rows[r]] = act(A^T m A + bias) cropped; every other channel 0.
+
+    The four output phases (tile row i, tile column j) are computed as whole planes and finished (bias,
+    activation) there, in long loops; each output row then interleaves its two column phases. Scratch
+    planes are allocated once per chunk of output channels; indices are unsigned.
+    """
+    k_count, ho, wo = y.shape
+    n_rows = rows.shape[0]
+    u = np.uint64
+    length = u(tiles_h) * u(pitch)
+    mf = m.reshape(-1)
+    yf = y.reshape(-1)
+    stride_xi = u(n_rows) * length
+    pairs = wo // 2
+    plane_out = u(ho) * u(wo)
+    for chunk in numba.prange(chunks):
+        sums = np.empty(int(u(8) * length), dtype=np.float32)
+        phase = np.empty(int(u(4) * length), dtype=np.float32)
+        first_row, stop = chunk_bounds(chunk, chunks, k_count)
+        for k in range(first_row, stop):
+            y0 = u(k) * plane_out
+            r = _product_row(rows, k, yf, y0, plane_out)
+            if r < 0:
+                continue
+            b = bias[k] if has_bias else np.float32(0.0)
+            base = u(r) * length
+            for col in range(4):  # A^T m: the tile's two output rows, per tile column
+                m0 = u(col) * stride_xi + base
+                m1 = m0 + u(4) * stride_xi
+                m2 = m1 + u(4) * stride_xi
+                m3 = m2 + u(4) * stride_xi
+                s0 = u(col) * length
+                s1 = u(4 + col) * length
+                _a_transpose(mf, m0, m1, m2, m3, sums, s0, s1, length)
+            for i in range(2):  # (.) A: the tile's two output columns
+                a0 = u(4 * i) * length
+                a1 = a0 + length
+                a2 = a1 + length
+                a3 = a2 + length
+                p0 = u(2 * i) * length
+                p1 = p0 + length
+                _a_transpose(sums, a0, a1, a2, a3, phase, p0, p1, length)
+            # The four phase planes are the whole of ``phase``: one epilogue pass, no plane views (a view costs
+            # a reference-count update, see the module docstring).
+            finish_row(phase, phase, b, code, alpha, beta, lo, hi)
+            for oh in range(ho):
+                start = u(oh % 2) * u(2) * length + u(oh // 2) * u(pitch)
+                right = start + length
+                d = y0 + u(oh) * u(wo)
+                for tx in range(pairs):
+                    yf[d + u(2) * u(tx)] = phase[start + u(tx)]
+                    yf[d + u(2) * u(tx) + u(1)] = phase[right + u(tx)]
+                if wo % 2:
+                    yf[d + u(wo - 1)] = phase[start + u(tiles_w - 1)]
+
+
+@jit_inline
+def _split_phases4(xf, source, h, w, top, left, phase_rows, pitch, plane, phases):
+    """F(4x4): one input plane (h x w floats at unsigned offset ``source`` of xf) into the 16 (row % 4,
+    column % 4) phases of its zero-padded version (padded row/col 0 = input row -top / col -left): phase (r, c)
+    starts at (4r + c) * plane, its row i is padded row 4i + r (phase_rows rows of ``pitch``). Only interior
+    positions are written, so the padding a caller zeroed once stays zero. Each input row's whole groups of
+    four columns go in one loop that writes all four column phases (an interleaved access LLVM vectorises); the
+    few columns before and after, one by one. One strided loop per phase took 155 against 78 us at 64 channels
+    of 56x56 (a one-off check, 1 thread). F(2x2)'s kernel keeps its per-phase loops: one kernel serving both
+    tile sizes made F(2x2)'s transforms 1.2-1.6x slower at 14x14 and 28x28 (ResNet-18's layer 3, the small
+    CNNs; scripts/ab_checkouts.py against 7e8f78f: small CNN 1.06x, VGG-style 1.03x), a one-off check."""
+    m = 4
     u = np.uint64
     p = u(pitch)
     head = (-left) % m  # input columns before the first one that lands on column phase 0
@@ -78,16 +219,11 @@ def _split_phases(xf, source, h, w, top, left, m, phase_rows, pitch, plane, phas
                 phases[row_base + u(col % m) * plane + u(col // m)] = xf[src_row + u(iw)]
         d = row_base + u(col0)
         s = src_row + u(head)
-        if m == 2:
-            for t in range(u(full)):
-                phases[d + t] = xf[s + u(2) * t]
-                phases[d + plane + t] = xf[s + u(2) * t + u(1)]
-        else:
-            for t in range(u(full)):
-                phases[d + t] = xf[s + u(4) * t]
-                phases[d + plane + t] = xf[s + u(4) * t + u(1)]
-                phases[d + u(2) * plane + t] = xf[s + u(4) * t + u(2)]
-                phases[d + u(3) * plane + t] = xf[s + u(4) * t + u(3)]
+        for t in range(u(full)):
+            phases[d + t] = xf[s + u(4) * t]
+            phases[d + plane + t] = xf[s + u(4) * t + u(1)]
+            phases[d + u(2) * plane + t] = xf[s + u(4) * t + u(2)]
+            phases[d + u(3) * plane + t] = xf[s + u(4) * t + u(3)]
         for iw in range(tail, w):
             col = iw + left
             if col // m < pitch:
@@ -139,24 +275,6 @@ def _a_transpose6(src, s0, s1, s2, s3, s4, s5, dst, d0, d1, d2, d3, length):
 
 
 @jit_inline
-def _transform_input2(phases, plane, p, length, e, of, base, stride_xi):
-    """F(2x2): one channel's four phases (see _input_kernel) -> its 16 transformed planes at of[base + xi*stride_xi].
-    Tile (ty, tx) at q reads padded (2ty + i, 2tx + j) = phase (i % 2, j % 2) at q + (i // 2)*p + j // 2."""
-    u = np.uint64
-    for j in range(4):  # e[a, j] = (B^T d)[a] for tile column offset j: rows combined, whole planes
-        col = u(j // 2)
-        d0 = u(j % 2) * plane + col               # padded row 2ty + 0: phase (0, j % 2)
-        d1 = u(2 + j % 2) * plane + col           # row 2ty + 1: phase (1, j % 2)
-        _b_transpose(phases, d0, d1, d0 + p, d1 + p, e, u(j) * length, u(4 + j) * length, u(8 + j) * length,
-                     u(12 + j) * length, length)
-    for a in range(4):  # (.) B: each row's four columns
-        f0 = u(4 * a) * length
-        o0 = u(4 * a) * stride_xi + base
-        _b_transpose(e, f0, f0 + length, f0 + u(2) * length, f0 + u(3) * length, of, o0, o0 + stride_xi,
-                     o0 + u(2) * stride_xi, o0 + u(3) * stride_xi, length)
-
-
-@jit_inline
 def _transform_input4(phases, plane, p, length, e, of, base, stride_xi):
     """F(4x4): one channel's 16 phases -> its 36 transformed planes. Tile (ty, tx) at q reads padded
     (4ty + i, 4tx + j) = phase (i % 4, j % 4) at q + (i // 4)*p + j // 4."""
@@ -174,58 +292,6 @@ def _transform_input4(phases, plane, p, length, e, of, base, stride_xi):
         _b_transpose6(e, f0, f0 + length, f0 + u(2) * length, f0 + u(3) * length, f0 + u(4) * length,
                       f0 + u(5) * length, of, o0, o0 + stride_xi, o0 + u(2) * stride_xi, o0 + u(3) * stride_xi,
                       o0 + u(4) * stride_xi, o0 + u(5) * stride_xi, length)
-
-
-@serial_and_parallel
-def _input_kernel(x, channels, top, left, tiles_h, pitch, size, chunks, out):
-    """x: float32 (C, H, W); channels: int64 (S,) -> out: float32 ((size + 2)^2, S, tiles_h*pitch), size = the
-    output tile (2 or 4).
-
-    Per channel the zero-padded plane is split into its size*size (row % size, column % size) phases, each
-    (tiles_h + 1) x pitch, so that each transformed value is a sum of whole shifted phase planes: long
-    unit-stride loops that vectorise (first B^T d into planes, then (.) B into the output). Column
-    ``tiles_w`` of each tile row (q = ty*pitch + tiles_w) is padding whose values are never used. The planes
-    are allocated once per chunk of channels (their zero padding is never written, so it stays zero), and
-    indices are unsigned (see the module docstring).
-    """
-    _, h, w = x.shape
-    n_sel = channels.shape[0]
-    u = np.uint64
-    p = u(pitch)
-    phase_rows = tiles_h + 1
-    plane = u(phase_rows) * p
-    length = u(tiles_h) * p
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    stride_xi = u(n_sel) * length
-    side = size + 2
-    for chunk in numba.prange(chunks):
-        # + 1: the last tile row's padding column reads one element past the last plane
-        phases = np.zeros(int(u(size * size) * plane + u(1)), dtype=np.float32)
-        e = np.empty(int(u(side * side) * length), dtype=np.float32)
-        first_channel, stop = chunk_bounds(chunk, chunks, n_sel)
-        for s in range(first_channel, stop):
-            _split_phases(xf, u(channels[s]) * u(h) * u(w), h, w, top, left, size, phase_rows, pitch, plane, phases)
-            if size == 4:
-                _transform_input4(phases, plane, p, length, e, of, u(s) * length, stride_xi)
-            else:
-                _transform_input2(phases, plane, p, length, e, of, u(s) * length, stride_xi)
-
-
-@jit_inline
-def _transform_output2(mf, base, stride_xi, length, sums, phase):
-    """F(2x2): one output channel's 16 product planes (mf[base + xi*stride_xi]) -> its 4 output phase planes
-    (tile row i, column j at phase[(2i + j)*length])."""
-    u = np.uint64
-    for col in range(4):  # A^T m: the tile's two output rows, per tile column
-        m0 = u(col) * stride_xi + base
-        step = u(4) * stride_xi
-        _a_transpose(mf, m0, m0 + step, m0 + u(2) * step, m0 + u(3) * step, sums, u(col) * length,
-                     u(4 + col) * length, length)
-    for i in range(2):  # (.) A: the tile's two output columns
-        a0 = u(4 * i) * length
-        p0 = u(2 * i) * length
-        _a_transpose(sums, a0, a0 + length, a0 + u(2) * length, a0 + u(3) * length, phase, p0, p0 + length, length)
 
 
 @jit_inline
@@ -246,55 +312,57 @@ def _transform_output4(mf, base, stride_xi, length, sums, phase):
 
 
 @serial_and_parallel
-def _output_kernel(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, size, chunks, code, alpha, beta, lo, hi, y):
-    """m: float32 ((size + 2)^2, R, tiles_h*pitch); rows: int64 (R,) sorted, the output channel of each m row ->
-    y: float32 (K, Ho, Wo): y[rows[r]] = act(A^T m A + bias) cropped; every other channel 0.
+def _input_kernel4(x, channels, top, left, tiles_h, pitch, chunks, out):
+    """F(4x4): x: float32 (C, H, W); channels: int64 (S,) -> out: float32 (36, S, tiles_h*pitch).
 
-    The size*size output phases (tile row i, tile column j) are computed as whole planes and finished (bias,
-    activation) there, in long loops; each output row then interleaves its column phases. Scratch planes are
-    allocated once per chunk of output channels; indices are unsigned.
+    As _input_kernel with phases modulo 4: the padded plane's 16 (row % 4, column % 4) phases, each
+    (tiles_h + 1) x pitch; tile (ty, tx) at q = ty*pitch + tx reads padded (4ty + i, 4tx + j) = phase
+    (i % 4, j % 4) at q + (i // 4)*pitch + j // 4. B^T d into 36 planes, then (.) B into the output.
     """
+    _, h, w = x.shape
+    u = np.uint64
+    plane = u(tiles_h + 1) * u(pitch)
+    length = u(tiles_h) * u(pitch)
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    stride_xi = u(channels.shape[0]) * length
+    for chunk in numba.prange(chunks):
+        phases = np.zeros(int(u(16) * plane + u(1)), dtype=np.float32)  # + 1: see _input_kernel
+        e = np.empty(int(u(36) * length), dtype=np.float32)
+        first_channel, stop = chunk_bounds(chunk, chunks, channels.shape[0])
+        for s in range(first_channel, stop):
+            _split_phases4(xf, u(channels[s]) * u(h) * u(w), h, w, top, left, tiles_h + 1, pitch, plane, phases)
+            _transform_input4(phases, plane, u(pitch), length, e, of, u(s) * length, stride_xi)
+
+
+@serial_and_parallel
+def _output_kernel4(m, rows, bias, has_bias, tiles_h, tiles_w, pitch, chunks, code, alpha, beta, lo, hi, y):
+    """F(4x4): m: float32 (36, R, tiles_h*pitch); rows: int64 (R,) sorted -> y: float32 (K, Ho, Wo), as
+    _output_kernel: A^T m into 24 planes, (.) A into the 16 output phase planes (tile row i, column j at
+    4i + j), the fused epilogue on all of them at once, then each output row gathered from its four phases."""
     k_count, ho, wo = y.shape
-    n_rows = rows.shape[0]
     u = np.uint64
     length = u(tiles_h) * u(pitch)
     mf = m.reshape(-1)
     yf = y.reshape(-1)
-    stride_xi = u(n_rows) * length
-    pairs = wo // 2
+    stride_xi = u(rows.shape[0]) * length
     plane_out = u(ho) * u(wo)
     for chunk in numba.prange(chunks):
-        sums = np.empty(int(u(size * (size + 2)) * length), dtype=np.float32)
-        phase = np.empty(int(u(size * size) * length), dtype=np.float32)
+        sums = np.empty(int(u(24) * length), dtype=np.float32)
+        phase = np.empty(int(u(16) * length), dtype=np.float32)
         first_row, stop = chunk_bounds(chunk, chunks, k_count)
         for k in range(first_row, stop):
-            r = np.searchsorted(rows, k)
             y0 = u(k) * plane_out
-            if r >= n_rows or rows[r] != k:
-                for t in range(plane_out):
-                    yf[y0 + t] = 0.0
+            r = _product_row(rows, k, yf, y0, plane_out)
+            if r < 0:
                 continue
-            b = bias[k] if has_bias else np.float32(0.0)
-            if size == 4:
-                _transform_output4(mf, u(r) * length, stride_xi, length, sums, phase)
-            else:
-                _transform_output2(mf, u(r) * length, stride_xi, length, sums, phase)
-            # The phase planes are the whole of ``phase``: one epilogue pass, no plane views (a view costs a
-            # reference-count update, see the module docstring).
-            finish_row(phase, phase, b, code, alpha, beta, lo, hi)
+            _transform_output4(mf, u(r) * length, stride_xi, length, sums, phase)
+            finish_row(phase, phase, bias[k] if has_bias else np.float32(0.0), code, alpha, beta, lo, hi)
             for oh in range(ho):
-                start = u(oh % size) * u(size) * length + u(oh // size) * u(pitch)
+                start = u(oh % 4) * u(4) * length + u(oh // 4) * u(pitch)
                 d = y0 + u(oh) * u(wo)
-                if size == 4:
-                    for ow in range(wo):
-                        yf[d + u(ow)] = phase[start + u(ow % 4) * length + u(ow // 4)]
-                    continue
-                right = start + length
-                for tx in range(pairs):
-                    yf[d + u(2) * u(tx)] = phase[start + u(tx)]
-                    yf[d + u(2) * u(tx) + u(1)] = phase[right + u(tx)]
-                if wo % 2:
-                    yf[d + u(wo - 1)] = phase[start + u(tiles_w - 1)]
+                for ow in range(wo):
+                    yf[d + u(ow)] = phase[start + u(ow % 4) * length + u(ow // 4)]
 
 
 @serial_and_parallel
@@ -327,8 +395,9 @@ def input_transform(x: np.ndarray, channels: np.ndarray | None, top: int, left: 
     x = np.ascontiguousarray(x, dtype=np.float32)
     if channels is None:
         channels = all_indices(x.shape[0])
-    _input_kernel(_threads(context), _work(out.size, parallel), x, channels, top, left, tiles_h, tiles_w + 1,
-                  variant(out.shape[0]), chunk_count(channels.shape[0]), out)
+    kernel = _input_kernel4 if variant(out.shape[0]) == 4 else _input_kernel
+    kernel(_threads(context), _work(out.size, parallel), x, channels, top, left, tiles_h, tiles_w + 1,
+           chunk_count(channels.shape[0]), out)
 
 
 def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | None, act: Activation | None,
@@ -341,8 +410,9 @@ def output_transform(m: np.ndarray, rows: np.ndarray | None, bias: np.ndarray | 
         rows = all_indices(k)
     has_bias = bias is not None
     bias = bias if has_bias else zeros(k)
-    _output_kernel(_threads(context), _work(y.size, parallel), m, rows, bias, has_bias, tiles_h, tiles_w, tiles_w + 1,
-                   variant(m.shape[0]), chunk_count(k), code, alpha, beta, lo, hi, y)
+    kernel = _output_kernel4 if variant(m.shape[0]) == 4 else _output_kernel
+    kernel(_threads(context), _work(y.size, parallel), m, rows, bias, has_bias, tiles_h, tiles_w, tiles_w + 1,
+           chunk_count(k), code, alpha, beta, lo, hi, y)
 
 
 def gather_transformed(u: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,
