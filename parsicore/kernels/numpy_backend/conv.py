@@ -63,7 +63,11 @@ GEMM_CHUNKS_PER_THREAD = 1
 #: A dense im2col conv (groups 1) whose column matrix has at least this many elements (ResNet-18's 7x7 stem:
 #: 1.8M) runs in blocks of output rows, each block's column matrix about BLOCK_COLUMNS elements (512 KB, so it
 #: and its output block stay in a 2 MB L2): its im2col, GEMM and epilogue run back to back, and with threads
-#: the blocks go to the threads: TUNED.
+#: the blocks go to the threads. ResNet-18's stem (python scripts/profile_steps.py resnet18.h5 --a-set
+#: conv.BLOCKED_IM2COL_MIN=4611686018427387904): 3.89 -> 2.59 ms at 1 thread, 2.36 -> 1.87 ms at 2, the max
+#: pool reading it 0.14-0.17 ms slower. BLOCK_COLUMNS 2^16 and 2^18 (--a-set conv.BLOCK_COLUMNS=...) left the
+#: stem 1.07x and 1.05x slower than 2^17. Blocking 1x1 convs the same way (MobileNetV2's expands) made them and
+#: their readers 1.13-1.38x slower (a one-off check), so only im2col convs this large are blocked.
 BLOCKED_IM2COL_MIN = 1 << 20
 BLOCK_COLUMNS = 1 << 17
 
@@ -403,6 +407,10 @@ class ConvKernel:
     def _dense(self, x: np.ndarray, y: np.ndarray) -> None:
         g = self.geom
         n = x.shape[0]
+        if self.row_blocks is not None:  # before any scratch: the whole column matrix is never allocated
+            for i in range(n):
+                self._blocked_image(x[i], y[i].reshape(g.k, g.pixels))
+            return
         out = y.reshape(n, g.groups, g.kg, g.pixels)
         cols = None
         if not g.is_pointwise:
@@ -410,10 +418,6 @@ class ConvKernel:
             cols = flat.reshape(g.groups, g.cg * g.kh * g.kw, g.pixels)
         # One BLAS call per image (per group): np.matmul with out= and a broadcast batch dimension falls off
         # BLAS onto a slow loop (~400x slower), so the batch is never broadcast.
-        if self.row_blocks is not None:
-            for i in range(n):
-                self._blocked_image(x[i], y[i].reshape(g.k, g.pixels))
-            return
         for i in range(n):
             if cols is None:
                 b = x[i].reshape(g.groups, g.cg, g.pixels)
