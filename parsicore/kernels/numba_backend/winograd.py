@@ -6,8 +6,10 @@ tile size m (4 phases for F(2x2), 16 for F(4x4)) once; then the rows of every ti
 each tile's columns (d B), in loops over all tiles that are unit-stride and vectorise. Output transform: per
 output channel, the product planes (contiguous over tiles) are combined (A^T m A) into m*m output phase
 planes, which go through the fused epilogue (bias + activation) and are interleaved into the output rows.
+Each tile size has its own pair of kernels (``_input_kernel``/``_output_kernel`` for F(2x2), ``..._kernel4`` for
+F(4x4)): one pair serving both, with branches on the size, made F(2x2)'s transforms 1.2-1.6x slower.
 
-Both index their flat arrays with unsigned integers and make no array view in their inner loops: in Numba
+All of them index their flat arrays with unsigned integers and make no array view in their inner loops: in Numba
 a view costs a reference-count update, and a signed computed index the negative-index wrap-around check,
 which also stops LLVM from vectorising (measured 0.41-0.82x the time of the view-per-pass versions at
 ResNet-18's shapes).
