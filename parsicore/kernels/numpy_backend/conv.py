@@ -440,7 +440,9 @@ class ConvKernel:
             r0, r1, p0, p1, sub = blocks[i]
             (flat,) = self.context.scratch(g.c * g.kh * g.kw * (p1 - p0))
             cols = flat.reshape(-1, p1 - p0)
-            self.micro.im2col(x[:, r0:r1], None, sub, cols, None)  # serial: a block is one thread's share
+            # No context: a block (BLOCK_COLUMNS elements, one row at least) stays under the parallel threshold
+            # unless one output row alone passes it, and then parallel.PARALLEL_GATE lets one caller in at a time.
+            self.micro.im2col(x[:, r0:r1], None, sub, cols, None)
             np.matmul(self.packed_2d, cols, out=y[:, p0:p1])
             self.micro.bias_activation_block(y, p0, p1, self.bias, self.activation, None)
 
