@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from hypothesis import assume
@@ -191,15 +192,25 @@ def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_0
 
 
 @contextlib.contextmanager
-def winograd_tile(m: int) -> Iterator[None]:
-    """Within the block, every Winograd conv built takes output tiles of m x m: 4 forces F(4x4, 3x3) at any size
-    (the small test shapes would take F(2x2)), 2 rules it out. The tile size is fixed when a kernel is built."""
-    saved = winograd.MIN_TILES_F4, winograd.MIN_WORK_F4
-    winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = (1, 0) if m == 4 else (1 << 30, 1 << 62)
+def constants_set(module: ModuleType, **values: int) -> Iterator[None]:
+    """Within the block, the module's named constants have these values (the choices kernels make from them at
+    build time: a fixture cannot be used inside hypothesis tests); restored after."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        winograd.MIN_TILES_F4, winograd.MIN_WORK_F4 = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def winograd_tile(m: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, every Winograd conv built takes output tiles of m x m: 4 forces F(4x4, 3x3) at any size
+    (the small test shapes would take F(2x2)), 2 rules it out. The tile size is fixed when a kernel is built."""
+    if m == 4:
+        return constants_set(winograd, MIN_TILES_F4=1, MIN_WORK_F4=0)
+    return constants_set(winograd, MIN_TILES_F4=1 << 30, MIN_WORK_F4=1 << 62)
 
 
 @st.composite

@@ -20,6 +20,7 @@ from tests.ops._strategies_conv import (
     ConvCase,
     activation_of_kind,
     channel_lists,
+    constants_set,
     conv_cases,
     depthwise_cases,
     winograd_cases,
@@ -159,16 +160,12 @@ def test_conv_im2col_row_blocks_match_reference(backend: str, threads: int, case
     from parsicore.kernels.base import KernelContext
     from parsicore.kernels.numpy_backend import conv as numpy_conv
 
-    saved = numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS
-    numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS = 0, block
-    try:
-        context = KernelContext()
-        context.threads = threads
-        spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                          activation=case.activation, context=context)
+    context = KernelContext()
+    context.threads = threads
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=context)
+    with constants_set(numpy_conv, BLOCKED_IM2COL_MIN=0, BLOCK_COLUMNS=block):
         kernel = factories(backend)["Conv"](spec)
-    finally:
-        numpy_conv.BLOCKED_IM2COL_MIN, numpy_conv.BLOCK_COLUMNS = saved
     assert kernel.row_blocks is not None
     y = np.full((case.x.shape[0], *case.out_shape), np.nan, dtype=np.float32)
     kernel([case.x], [y])

@@ -27,7 +27,6 @@ from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
     all_indices,
-    bias_activation_columns,
     bias_activation_rows,
     finish_row,
     scatter_rows,
@@ -236,32 +235,32 @@ def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarr
     _gather_weights_kernel(_threads(context), out.size, taps, rows, channels, out)
 
 
-def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None,
-                    context: KernelContext | None = None) -> None:
-    """As numpy_backend.conv.bias_activation: y: float32 (N, K, P), C-contiguous, in place."""
+def _bias_activation_rows(y: np.ndarray, start: int, stop: int, bias: np.ndarray | None, act: Activation | None,
+                          threads: int | None, work: int, caller: str) -> None:
+    """y: float32 (..., K, P), C-contiguous, in place on columns [start, stop) of every row (bias per K)."""
     code, alpha, beta, lo, hi = activation_params(act)
     if bias is None and code == 0:
         return
-    n, k, p = y.shape
     if not y.flags.c_contiguous:
-        raise ValueError("bias_activation needs a C-contiguous y (it works in place)")
+        raise ValueError(f"{caller} needs a C-contiguous y (it works in place)")
+    k, p = y.shape[-2:]
     has_bias = bias is not None
-    bias = bias if has_bias else zeros(k)
-    work = y.size // epilogue.EPILOGUE_WORK_DIVISOR
-    bias_activation_rows(_threads(context), work, y.reshape(n * k, p), bias, has_bias, code, alpha, beta, lo, hi)
+    bias_activation_rows(threads, work, y.reshape(-1, p), start, stop, bias if has_bias else zeros(k), has_bias, code,
+                         alpha, beta, lo, hi)
+
+
+def bias_activation(y: np.ndarray, bias: np.ndarray | None, act: Activation | None,
+                    context: KernelContext | None = None) -> None:
+    """As numpy_backend.conv.bias_activation: y: float32 (N, K, P), C-contiguous, in place."""
+    _bias_activation_rows(y, 0, y.shape[2], bias, act, _threads(context), y.size // epilogue.EPILOGUE_WORK_DIVISOR,
+                          "bias_activation")
 
 
 def bias_activation_block(y: np.ndarray, start: int, stop: int, bias: np.ndarray | None, act: Activation | None,
                           context: KernelContext | None = None) -> None:
-    """As numpy_backend.conv.bias_activation_block: y: float32 (K, P), C-contiguous; columns [start, stop)."""
-    code, alpha, beta, lo, hi = activation_params(act)
-    if bias is None and code == 0:
-        return
-    if not y.flags.c_contiguous:
-        raise ValueError("bias_activation_block needs a C-contiguous y (it works in place)")
-    has_bias = bias is not None
-    bias_activation_columns(y, start, stop, bias if has_bias else zeros(y.shape[0]), has_bias, code, alpha, beta, lo,
-                            hi)
+    """As numpy_backend.conv.bias_activation_block: y: float32 (K, P), C-contiguous; columns [start, stop).
+    Serial: a block is one thread's share of a blocked conv."""
+    _bias_activation_rows(y, start, stop, bias, act, 1, 0, "bias_activation_block")
 
 
 def scatter_bias_activation(values: np.ndarray, rows: np.ndarray, bias: np.ndarray | None, act: Activation | None,

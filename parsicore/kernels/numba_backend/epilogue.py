@@ -125,27 +125,16 @@ def finish_row(src, dst, b, code, alpha, beta, lo, hi):
 
 
 @serial_and_parallel
-def bias_activation_rows(y, bias, has_bias, code, alpha, beta, lo, hi):
-    """y: float32 (R, P), C-contiguous, in place: y[r] = act(y[r] + bias[r % len(bias)]) (bias repeats per
-    image). Rows by flat offset, no row views (see finish_span)."""
+def bias_activation_rows(y, start, stop, bias, has_bias, code, alpha, beta, lo, hi):
+    """y: float32 (R, P), C-contiguous, columns [start, stop) of every row in place: y[r, c] = act(y[r, c] +
+    bias[r % len(bias)]) (bias repeats per image; [0, P) for whole rows, a column block for a blocked conv's
+    block). Rows by flat offset, no row views (see finish_span)."""
     rows, p = y.shape
     k = bias.shape[0]
     yf = y.reshape(-1)
+    n = np.uint64(stop - start)
     for r in numba.prange(rows):
         b = bias[r % k] if has_bias else np.float32(0.0)
-        start = np.uint64(r) * np.uint64(p)
-        finish_span(yf, start, yf, start, p, b, code, alpha, beta, lo, hi)
-
-
-@jit
-def bias_activation_columns(y, start, stop, bias, has_bias, code, alpha, beta, lo, hi):
-    """y: float32 (K, P), C-contiguous, columns [start, stop) of every row in place: y[r, c] = act(y[r, c] +
-    bias[r]) (one block of a blocked conv's output; serial: a block is one thread's task)."""
-    k, p = y.shape
-    yf = y.reshape(-1)
-    n = np.uint64(stop - start)
-    for r in range(k):
-        b = bias[r] if has_bias else np.float32(0.0)
         first = np.uint64(r) * np.uint64(p) + np.uint64(start)
         finish_span(yf, first, yf, first, n, b, code, alpha, beta, lo, hi)
 
