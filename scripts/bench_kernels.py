@@ -7,8 +7,11 @@ Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take w
 the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
 subsets (NumPy fancy indexing vs Numba), a 3x3 conv at few output tiles (im2col vs Winograd, whole one-conv
 models: the choice winograd.MIN_TILES makes), F(2x2) vs F(4x4) Winograd on the same conv (winograd.tile_size),
-a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), and a 1x1 conv with 3/4 of its
-inputs on (dense GEMM vs weight-column gather + smaller GEMM). Every variant's output is checked against the first's.
+a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), a 1x1 conv with 3/4 of its
+inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's packed GEMM against OpenBLAS
+(dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
+cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm). Every variant's output is checked
+against the first's. The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
 
 from __future__ import annotations
@@ -20,15 +23,20 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from parsicore.boards import configure  # noqa: E402
+
+configure()  # before numpy: OpenBLAS reads OPENBLAS_CORETYPE when it loads
+
+import numpy as np  # noqa: E402
 
 import parsicore  # noqa: E402
 from parsicore.builder import ModelBuilder  # noqa: E402
-from parsicore.kernels.base import KernelSpec  # noqa: E402
+from parsicore.kernels.base import KernelContext, KernelSpec  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
+from parsicore.kernels.numba_backend import packed_gemm  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
 from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
@@ -223,6 +231,67 @@ def pointwise_input_gathers(rng: np.random.Generator, rounds: int) -> None:
             alternate(dense, gated, rounds))
 
 
+def packed_gemms(rng: np.random.Generator, rounds: int) -> None:
+    if not packed_gemm.available():
+        print("| packed GEMM | not built on this machine (no vector FMA) | | |")
+        return
+    context = KernelContext()
+    context.threads = 1
+    for m, k, n in [(512, 4608, 49), (512, 2304, 49), (256, 2304, 196), (128, 1152, 784), (512, 256, 49),
+                    (320, 960, 49), (160, 576, 49), (128, 576, 64), (256, 2304, 16), (32, 288, 49)]:
+        w = rng.standard_normal((m, k), dtype=np.float32)
+        x = rng.standard_normal((k, n), dtype=np.float32)
+        packed = packed_gemm.pack(w)
+        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        blas = partial(np.matmul, w, x, out=o1)
+        own = partial(packed_gemm.packed_gemm, packed, m, x, o2, None, None, context)
+        blas()
+        own()
+        np.testing.assert_allclose(o2, o1, rtol=1e-3, atol=1e-3 * float(np.abs(o1).max()))
+        row(f"GEMM {m}x{k}x{n}, hot weights", "OpenBLAS", "packed", alternate(blas, own, rounds))
+    # Cold: as in a model, whose late-layer weights (9.4 MB each) are evicted between calls.
+    m, k, n = 512, 4608, 49
+    ws = [rng.standard_normal((m, k), dtype=np.float32) for _ in range(6)]
+    packs = [packed_gemm.pack(w) for w in ws]
+    x = rng.standard_normal((k, n), dtype=np.float32)
+    o = np.empty((m, n), np.float32)
+    turn = [0, 0]
+
+    def cold_blas() -> None:
+        turn[0] = (turn[0] + 1) % len(ws)
+        np.matmul(ws[turn[0]], x, out=o)
+
+    def cold_own() -> None:
+        turn[1] = (turn[1] + 1) % len(packs)
+        packed_gemm.packed_gemm(packs[turn[1]], m, x, o, None, None, context)
+
+    row(f"GEMM {m}x{k}x{n}, 6 weight matrices in turn (cold)", "OpenBLAS", "packed",
+        alternate(cold_blas, cold_own, rounds * 3))
+    for kout, c, frac_rows, frac_chans in [(512, 512, 0.5, 0.5), (256, 256, 0.5, 0.5), (128, 128, 0.5, 1.0),
+                                           (128, 64, 1.0, 1.0), (128, 128, 0.25, 0.5)]:
+        taps = rng.standard_normal((kout, c, 9), dtype=np.float32)
+        rows = np.sort(rng.permutation(kout)[:int(kout * frac_rows)]).astype(np.int64)
+        chans = np.sort(rng.permutation(c)[:int(c * frac_chans)]).astype(np.int64)
+        x = rng.standard_normal((chans.size * 9, 49), dtype=np.float32)
+        gathered = np.empty((rows.size, chans.size * 9), np.float32)
+        scratch = np.empty(packed_gemm.packed_size(rows.size, chans.size * 9), np.float32)
+        o1, o2 = np.empty((rows.size, 49), np.float32), np.empty((rows.size, 49), np.float32)
+
+        def blas_gated(taps=taps, rows=rows, chans=chans, gathered=gathered, x=x, o1=o1) -> None:
+            numba_conv.gather_weights(taps, rows, chans, gathered, context)
+            np.matmul(gathered, x, out=o1)
+
+        def own_gated(taps=taps, rows=rows, chans=chans, scratch=scratch, x=x, o2=o2) -> None:
+            weights = packed_gemm.pack_gathered(taps, rows, chans, scratch, context)
+            packed_gemm.packed_gemm(weights, rows.size, x, o2, None, None, context)
+
+        blas_gated()
+        own_gated()
+        np.testing.assert_allclose(o2, o1, rtol=1e-3, atol=1e-3 * float(np.abs(o1).max()))
+        row(f"gated GEMM {rows.size} of {kout} rows, {chans.size} of {c} channels x9, 49 columns",
+            "gather + OpenBLAS", "gather-pack + packed", alternate(blas_gated, own_gated, rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -242,7 +311,7 @@ def main() -> None:
 
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
-         "pointwise_input_gathers": pointwise_input_gathers}
+         "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms}
 
 
 if __name__ == "__main__":

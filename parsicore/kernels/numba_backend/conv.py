@@ -1,8 +1,10 @@
-"""Conv with Numba: im2col, weight gathering, fused epilogue and depthwise convs; the GEMM stays ``np.matmul``.
+"""Conv with Numba: im2col, weight gathering, fused epilogue and depthwise convs; the GEMM is mostly ``np.matmul``.
 
-Numba has no BLAS of its own without SciPy, so the GEMM is NumPy's (OpenBLAS), called once per image by the
+Numba has no BLAS of its own without SciPy, so most GEMMs are NumPy's (OpenBLAS), called once per image by the
 orchestration shared with the numpy backend (:class:`~parsicore.kernels.numpy_backend.conv.ConvKernel`:
-packing, dense vs gated, scratch memory). What Numba replaces are the microkernels around it. Each public
+packing, dense vs gated, scratch memory). What Numba replaces are the microkernels around it, and, at the
+skinny shapes of late layers where OpenBLAS spends its time packing the weights on every call, the GEMM itself
+(:mod:`~parsicore.kernels.numba_backend.packed_gemm`, on weights packed once at load, epilogue fused). Each public
 function normalises its arguments (C-contiguous float32, int64 indices) and calls a private ``@njit`` kernel
 that takes only arrays and scalars, never globals that could change (Numba freezes globals at compile time).
 
@@ -22,7 +24,7 @@ import numba
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
-from parsicore.kernels.numba_backend import epilogue, winograd
+from parsicore.kernels.numba_backend import epilogue, packed_gemm, winograd
 from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
@@ -41,6 +43,7 @@ from parsicore.kernels.numpy_backend.conv import (
     ConvGeometry,
     ConvKernel,
     ConvMicrokernels,
+    PackedGemm,
 )
 
 
@@ -559,7 +562,12 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       scatter_bias_activation=scatter_bias_activation,
                                       gather_weights=gather_weights, winograd_input=winograd.input_transform,
                                       winograd_output=winograd.output_transform,
-                                      winograd_gather=winograd.gather_transformed, gather_rows=gather_rows)
+                                      winograd_gather=winograd.gather_transformed, gather_rows=gather_rows,
+                                      packed_gemm=PackedGemm(pays=packed_gemm.pays, pack=packed_gemm.pack,
+                                                             pack_gathered=packed_gemm.pack_gathered,
+                                                             packed_size=packed_gemm.packed_size,
+                                                             run=packed_gemm.packed_gemm)
+                                      if packed_gemm.available() else None)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

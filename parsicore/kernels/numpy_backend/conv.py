@@ -272,6 +272,24 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
 
 
 @dataclass(frozen=True)
+class PackedGemm:
+    """A backend's GEMM on weights packed for it, with the epilogue fused (the numba backend's
+    :mod:`~parsicore.kernels.numba_backend.packed_gemm`), used where ``pays`` says it beats BLAS."""
+
+    #: (rows M, depth K, columns N) -> whether this GEMM beats BLAS at that shape.
+    pays: Callable[[int, int, int], bool]
+    #: (a float32 (M, K)) -> packed weights, made once at load.
+    pack: Callable[[np.ndarray], np.ndarray]
+    #: (taps (K, C, T), rows, channels, scratch, context) -> packed weights of the active rows and columns.
+    pack_gathered: Callable[..., np.ndarray]
+    #: (rows, depth) -> scratch elements pack_gathered needs.
+    packed_size: Callable[[int, int], int]
+    #: (packed, m, b (K, N), out (R, N), bias (R,) | None, act, context, rows (m,) | None): out[rows] = act(A @ b
+    #: + bias[rows]).
+    run: Callable[..., None]
+
+
+@dataclass(frozen=True)
 class ConvMicrokernels:
     """The arithmetic a backend supplies; signatures as the NumPy functions of the same names. Each takes
     the kernel's context last (scratch memory, thread budget)."""
@@ -289,6 +307,8 @@ class ConvMicrokernels:
     winograd_gather: Callable[..., None]
     #: (src (B, K, L), rows (R,), out (B, R, L), context): whole rows copied (gated 1x1 inputs, weight rows).
     gather_rows: Callable[..., None]
+    #: A GEMM of the backend's own for the shapes where it beats BLAS (None: BLAS for every GEMM).
+    packed_gemm: PackedGemm | None = None
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
@@ -349,6 +369,11 @@ class ConvKernel:
             >= BLOCKED_IM2COL_MIN) else None
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
+        packed_gemm = micro.packed_gemm
+        #: The weights packed for the backend's own GEMM, where a dense call takes it (else None: BLAS).
+        self.gemm_panels = packed_gemm.pack(self.packed_2d) if (
+            packed_gemm is not None and self.path in ("im2col_gemm", "gemm_1x1") and geom.groups == 1
+            and self.row_blocks is None and packed_gemm.pays(geom.k, geom.c * geom.kh * geom.kw, geom.pixels)) else None
         self.in_shape = (geom.c, geom.h, geom.w)
         if self.path == "winograd_3x3":
             #: Output tile size: F(2x2, 3x3) or F(4x4, 3x3) (winograd.tile_size); slices = (m + 2)^2 GEMMs.
@@ -410,6 +435,19 @@ class ConvKernel:
         if self.row_blocks is not None:  # before any scratch: the whole column matrix is never allocated
             for i in range(n):
                 self._blocked_image(x[i], y[i].reshape(g.k, g.pixels))
+            return
+        if self.gemm_panels is not None:
+            packed_gemm = self.micro.packed_gemm
+            assert packed_gemm is not None
+            (flat,) = self.context.scratch(0 if g.is_pointwise else g.c * g.kh * g.kw * g.pixels)
+            for i in range(n):
+                if g.is_pointwise:
+                    b = np.ascontiguousarray(x[i]).reshape(g.c, g.pixels)
+                else:
+                    b = flat.reshape(-1, g.pixels)
+                    self.micro.im2col(x[i], None, g, b, self.context)
+                packed_gemm.run(self.gemm_panels, g.k, b, y[i].reshape(g.k, g.pixels), self.bias, self.activation,
+                                self.context)
             return
         out = y.reshape(n, g.groups, g.kg, g.pixels)
         cols = None
@@ -474,17 +512,31 @@ class ConvKernel:
         compact_out = compact_out and rows is not None
         gather_w = rows is not None or chans is not None
         build_cols = not g.is_pointwise or (chans is not None and not compact_in)
-        w_buf, col_buf, val_buf = self.context.scratch(n_rows * n_cols if gather_w else 0,
-                                                       n_cols * g.pixels if build_cols else 0,
-                                                       n_rows * g.pixels if rows is not None and not compact_out else 0)
+        packed_gemm = self.micro.packed_gemm
+        # The backend's own GEMM, on the packed weights of all rows and columns or on the active ones gathered:
+        # only in convs whose dense GEMM takes it (decided at load), and then where the gated shape still pays.
+        packed = self.gemm_panels is not None and n_cols > 0 and (
+            not gather_w or (packed_gemm is not None and packed_gemm.pays(n_rows, n_cols, g.pixels)))
+        if packed:
+            assert packed_gemm is not None
+            w_size = packed_gemm.packed_size(n_rows, n_cols) if gather_w else 0
+        else:
+            w_size = n_rows * n_cols if gather_w else 0
+        w_buf, col_buf, val_buf = self.context.scratch(
+            w_size, n_cols * g.pixels if build_cols else 0,
+            n_rows * g.pixels if rows is not None and not compact_out and not packed else 0)
         if compact_out:
             values = y[:n_rows]
         else:
-            values = y if rows is None else val_buf.reshape(n_rows, g.pixels)
+            values = y if rows is None or packed else val_buf.reshape(n_rows, g.pixels)
         if n_cols == 0:
             values.fill(0.0)  # every input channel is off: the conv is its bias
         else:
-            if gather_w:
+            if packed:
+                assert packed_gemm is not None
+                weight = packed_gemm.pack_gathered(self.taps, rows, chans, w_buf, self.context) if gather_w else (
+                    self.gemm_panels)
+            elif gather_w:
                 weight = w_buf.reshape(n_rows, n_cols)
                 self.micro.gather_weights(self.taps, rows, chans, weight, self.context)
             else:
@@ -500,6 +552,19 @@ class ConvKernel:
             else:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.im2col(x, all_indices(chans.size) if compact_in else chans, g, b, self.context)
+            if packed:  # the epilogue is fused: bias + activation into the active rows, the others 0
+                assert packed_gemm is not None
+                b = np.ascontiguousarray(b)
+                if compact_out:
+                    packed_gemm.run(weight, n_rows, b, values, None if self.bias is None else self.bias[rows],
+                                    self.activation, self.context)
+                    return
+                if rows is not None:
+                    inactive = np.ones(g.k, dtype=bool)
+                    inactive[rows] = False
+                    y[inactive] = 0.0
+                packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows)
+                return
             self._matmul(weight, b, values)
         if rows is None:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)

@@ -1,0 +1,444 @@
+"""A GEMM on weights packed once at load, with the conv epilogue fused: parsicore's own, beside BLAS.
+
+NumPy's BLAS packs both operands on every call. For a conv the weight operand never changes, and at the
+skinny shapes of late CNN layers packing it is much of the call: ResNet-18's layer-4 GEMM (512x4608 weights
+by a 4608x49 im2col matrix) took ~2.0 ms in OpenBLAS (SkylakeX kernels), of which ~1.5 ms is fixed cost
+whatever N is. Here the weights are packed once (:func:`pack`) into panels of ``MR`` output rows,
+``(panels, K, MR)``, so each step of the inner loop reads MR consecutive floats.
+
+Microkernel: an MR x NR tile of the output is held in ``NR * VECTORS`` LLVM vector registers of ``LANES``
+floats (the vectors run along output rows). Each of the K steps loads MR packed weights (VECTORS vectors),
+broadcasts NR values of the im2col row, and does NR * VECTORS fused multiply-adds. Numba has no SIMD types,
+and its loops over a local accumulator array stay scalar (measured: ~10 GFLOP/s), so the microkernel is an
+``@intrinsic`` that writes the loop in LLVM IR with vector types; LLVM lowers them on every target (a
+<16 x float> is one AVX-512 register, two AVX2 ones, four NEON ones), so the tile shape is chosen per
+vector width (:func:`micro_shape`).
+
+Blocking (Goto's loop order, without packing the second operand): K in blocks of ``DEPTH`` steps, so the
+NR columns of the im2col block a microkernel reads (DEPTH x NR floats) stay in L1 while every panel runs
+over them; output columns in groups whose tiles (the accumulators between K blocks) fit in about 256 KB.
+The last partial column block is copied into a zero-padded DEPTH-free (K, NR) buffer, so no read passes the
+end of the operand. Tiles are written to the output through the epilogue (bias + activation), transposed
+(the vectors run along output rows, the output is row-major).
+
+Measured on ResNet-18 layer 4's GEMM, 1 thread (``python scripts/bench_kernels.py --only packed_gemm``).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from parsicore.kernels.base import Activation, KernelContext
+from parsicore.kernels.numba_backend.epilogue import activate_value, activation_params, all_indices, zeros
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel
+
+
+class MicroShape(NamedTuple):
+    """The microkernel's tile: ``vectors`` vectors of ``lanes`` float32 per output column (MR = lanes *
+    vectors output rows) by ``columns`` output columns (NR); NR * vectors accumulator registers."""
+
+    lanes: int
+    vectors: int
+    columns: int
+
+    @property
+    def rows(self) -> int:
+        return self.lanes * self.vectors
+
+
+def micro_shape(features: dict[str, bool], machine: str) -> MicroShape | None:
+    """The tile for a CPU (``features``: LLVM's host feature flags; ``machine``: platform.machine()), or None
+    where there is no vector FMA to build it on (BLAS stays the only GEMM).
+
+    - AVX-512 (32 registers of 16 floats): 16 x 25, 25 accumulators + 1 weight vector + 1 broadcast.
+      Measured on ResNet-18's 512x4608x49 GEMM (1 thread): 16 x 25 1.25-1.34 ms, 16 x 28 1.39-1.52, 32 x 14
+      1.51-1.62, 32 x 7 1.91, 64 x 6 2.37; OpenBLAS 1.9-2.1.
+    - AVX2 + FMA (16 registers of 8 floats): 16 x 6, 12 accumulators (the shape of OpenBLAS's Haswell sgemm).
+    - AArch64 NEON (32 registers of 4 floats): 8 x 12, 24 accumulators (the shape of the ARMv8 sgemm kernels
+      of OpenBLAS and ncnn). Not timed on a board yet: see :data:`ENABLED_BY_DEFAULT`.
+    """
+    if features.get("avx512f"):
+        return MicroShape(16, 1, 25)
+    if features.get("avx2") and features.get("fma"):
+        return MicroShape(8, 2, 6)
+    if machine.lower() in ("aarch64", "arm64"):
+        return MicroShape(4, 2, 12)
+    return None
+
+
+#: This machine's tile (None: no packed GEMM here). Fixed at import, like every constant the kernels compile in.
+MICRO = micro_shape(dict(llvm.get_host_cpu_features()), platform.machine())
+
+#: Whether convs take the packed GEMM at all: only on the vector width where it was measured faster than BLAS
+#: (AVX-512). Elsewhere it is built and tested (the tests turn it on) but BLAS stays the GEMM until a board
+#: measures it (``scripts/bench_kernels.py --only packed_gemm`` on the board).
+ENABLED = MICRO is not None and MICRO.lanes == 16
+
+#: The shapes where it beats OpenBLAS (SkylakeX kernels, 1 thread; ``python scripts/bench_kernels.py --only
+#: packed_gemm``): few columns (N <= MAX_COLUMNS output pixels, where BLAS's per-call packing of the weights is
+#: most of its time), a deep product (K >= MIN_DEPTH) and enough weights (M*K >= MIN_WEIGHTS), which pay for
+#: the microkernel's tile loads and the transposing epilogue. Dense, against np.matmul: 256x2304 by N = 16, 25,
+#: 36, 49: 0.54, 0.49, 0.80, 0.69; at N = 64 1.01-1.12 (OpenBLAS is at its best on 64 columns), at 196
+#: 0.93-1.01, at >= 784 1.2-1.4. Gated (pack_gathered + this against gather_weights + np.matmul, N = 49):
+#: 128x576 0.95-0.98, 64x1152 0.89-0.90, 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35.
+MAX_COLUMNS = 50
+MIN_DEPTH = 256
+MIN_WEIGHTS = 1 << 16
+
+#: K steps per block: the NR-column im2col block a microkernel reads is DEPTH x NR floats (12.5 KB at NR 25),
+#: kept in L1 across the panels. Measured at 512x4608x49: 128 1.33-1.42 ms, 192 1.25-1.34, 256 1.57, 512 1.43-1.53,
+#: unblocked 1.56-1.60.
+DEPTH = 192
+
+#: The microkernel prefetches the packed weights this many steps ahead (0: not at all). Read in the order
+#: they are packed, they are one stream, so a fixed distance always fetches what comes next.
+PREFETCH_STEPS = 32
+
+#: Bytes of accumulator tiles kept between K blocks per thread (a group of output columns at a time).
+TILE_BYTES = 1 << 18
+
+
+def column_widths(shape: MicroShape) -> tuple[int, ...]:
+    """The microkernel's column counts, widest first: NR, then the powers of two below it. A GEMM's N columns are
+    cut greedily into blocks of these widths (N = 49 at NR 25: 25 + 16 + 8), so no block computes padding.
+    Padding the last block to NR instead cost as much as a full block: at N = 64 (25 + 25 + 14) the GEMM was
+    1.04-1.15x slower than OpenBLAS, at N = 75 (no padding) 0.71-0.78x."""
+    widths = [shape.columns]
+    width = 1 << (shape.columns - 1).bit_length() - 1 if shape.columns > 1 else 0
+    while width >= 1:
+        if width < shape.columns:
+            widths.append(width)
+        width //= 2
+    return tuple(widths)
+
+
+def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int, ptrs, ldb_v, depth_v, acc_v):
+    """LLVM IR for one MR x ``columns`` tile (see _make_microkernel), at the builder's position."""
+    lanes, vectors = shape.lanes, shape.vectors
+    rows = shape.rows
+    a_ptr, b_ptr, c_ptr = ptrs
+    f32 = ir.FloatType()
+    vec = ir.VectorType(f32, lanes)
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                         f"llvm.fma.v{lanes}f32")
+    zero = ir.Constant(vec, [0.0] * lanes)
+    undef = ir.Constant(vec, ir.Undefined)
+    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+
+    def c_slot(j, v):
+        return builder.bitcast(builder.gep(c_ptr, [ir.Constant(i64, j * rows + v * lanes)]), vec.as_pointer())
+
+    start = [builder.select(acc_v, builder.load(c_slot(j, v), align=4), zero)
+             for j in range(columns) for v in range(vectors)]
+    entry = builder.block
+    loop = builder.append_basic_block(f"packed_gemm_loop{columns}")
+    done = builder.append_basic_block(f"packed_gemm_done{columns}")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    step = builder.phi(i64)
+    step.add_incoming(ir.Constant(i64, 0), entry)
+    tile = []
+    for value in start:
+        phi = builder.phi(vec)
+        phi.add_incoming(value, entry)
+        tile.append(phi)
+    a_row = builder.gep(a_ptr, [builder.mul(step, ir.Constant(i64, rows))])
+    weights = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer()),
+                            align=4) for v in range(vectors)]
+    if prefetch:
+        i8p = ir.IntType(8).as_pointer()
+        hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                              "llvm.prefetch.p0i8")
+        ahead = builder.bitcast(builder.gep(a_row, [ir.Constant(i64, prefetch * rows)]), i8p)
+        builder.call(hint, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    b_row = builder.gep(b_ptr, [builder.mul(step, ldb_v)])
+    updated = []
+    for j in range(columns):
+        value = builder.load(builder.gep(b_row, [ir.Constant(i64, j)]), align=4)
+        broadcast = builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef, splat)
+        for v in range(vectors):
+            updated.append(builder.call(fma, [weights[v], broadcast, tile[j * vectors + v]]))
+    following = builder.add(step, ir.Constant(i64, 1))
+    step.add_incoming(following, loop)
+    for phi, value in zip(tile, updated, strict=True):
+        phi.add_incoming(value, loop)
+    builder.cbranch(builder.icmp_signed("<", following, depth_v), loop, done)
+    builder.position_at_end(done)
+    for j in range(columns):
+        for v in range(vectors):
+            builder.store(updated[j * vectors + v], c_slot(j, v), align=4)
+
+
+def _make_microkernel(shape: MicroShape, prefetch: int):
+    """An intrinsic ``micro(width, a, a_off, b, b_off, ldb, c, c_off, depth, accumulate)``: the MR x ``width``
+    tile at c[c_off:] (``width`` columns of MR floats) = (accumulate ? tile : 0) + sum over ``depth`` (>= 1)
+    steps t of a[a_off + t*MR : +MR] (outer) b[b_off + t*ldb : +width]. ``width`` is one of column_widths(shape)
+    (another does nothing); a, b, c: float32 1-D C-contiguous arrays; offsets in elements; no bounds checks
+    (the caller's loops keep every access inside its array). The packed weights are prefetched ``prefetch``
+    steps ahead."""
+    widths = column_widths(shape)
+
+    @intrinsic
+    def micro(typingctx, width, a, a_off, b, b_off, ldb, c, c_off, depth, accumulate):
+        sig = types.void(types.intp, a, types.intp, b, types.intp, types.intp, c, types.intp, types.intp,
+                         types.boolean)
+
+        def codegen(context, builder, signature, args):
+            width_v, a_arr, a_off_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, depth_v, acc_v = args
+            ptrs = (builder.gep(context.make_array(signature.args[1])(context, builder, a_arr).data, [a_off_v]),
+                    builder.gep(context.make_array(signature.args[3])(context, builder, b_arr).data, [b_off_v]),
+                    builder.gep(context.make_array(signature.args[6])(context, builder, c_arr).data, [c_off_v]))
+            merge = builder.append_basic_block("packed_gemm_merge")
+            switch = builder.switch(width_v, merge)
+            for columns in widths:
+                case = builder.append_basic_block(f"packed_gemm_width{columns}")
+                switch.add_case(ir.Constant(ir.IntType(64), columns), case)
+                builder.position_at_end(case)
+                _emit_tile(context, builder, shape, columns, prefetch, ptrs, ldb_v, depth_v, acc_v)
+                builder.branch(merge)
+            builder.position_at_end(merge)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return micro
+
+
+if MICRO is not None:
+    _micro = _make_microkernel(MICRO, PREFETCH_STEPS)
+    _ROWS = MICRO.rows
+    _WIDTHS = np.array(column_widths(MICRO), dtype=np.int64)
+else:  # never called: packed_gemm refuses before reaching a kernel
+    _micro = None
+    _ROWS = 1
+    _WIDTHS = np.ones(1, dtype=np.int64)
+
+
+def available() -> bool:
+    """Whether this machine has a packed GEMM (a vector FMA to build the microkernel on)."""
+    return MICRO is not None
+
+
+def pays(rows: int, depth: int, columns: int) -> bool:
+    """Whether an M x K by K x N GEMM (``rows``, ``depth``, ``columns``) takes the packed GEMM here."""
+    return ENABLED and columns <= MAX_COLUMNS and depth >= MIN_DEPTH and rows * depth >= MIN_WEIGHTS
+
+
+def panel_count(rows: int) -> int:
+    """Panels of MR rows that hold ``rows`` weight rows."""
+    return -(-rows // _ROWS)
+
+
+def packed_size(rows: int, depth: int) -> int:
+    """Elements of the packed weights of ``rows`` rows of ``depth`` (pack_gathered's scratch)."""
+    return panel_count(rows) * depth * _ROWS
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """An M x K weight matrix packed for the microkernel, in the order the GEMM reads it: K in blocks of
+    ``block`` steps; within a block, panel by panel (MR rows, the rows past M zero); within a panel, step by
+    step, MR floats each. So one pass of the GEMM over a K block (its first column block) reads the weights
+    front to back: cold weights (a model's late layers, 9.4 MB each, do not stay in cache between calls)
+    stream at memory speed. In panel-major order (each panel's K steps contiguous) the same GEMM on cold
+    weights took 2.6 ms against 1.6 hot, as long as OpenBLAS.
+
+    data: float32 (panel_count(rows) * depth * MR,); element (row r, step t) of block b = t // block lies at
+    b*block*P*MR + (r // MR)*steps_b*MR + (t - b*block)*MR + r % MR, steps_b = min(block, depth - b*block)."""
+
+    data: np.ndarray
+    rows: int
+    depth: int
+    block: int
+
+
+def pack(a: np.ndarray, block: int | None = None) -> PackedWeights:
+    """a: float32 (M, K) -> its PackedWeights (K blocks of ``block`` steps, default DEPTH)."""
+    if MICRO is None:
+        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    block = DEPTH if block is None else block
+    m, k = a.shape
+    panels = panel_count(m)
+    padded = np.zeros((panels * _ROWS, k), dtype=np.float32)
+    padded[:m] = a
+    data = np.empty(panels * k * _ROWS, dtype=np.float32)
+    for k0 in range(0, k, block):
+        k1 = min(k, k0 + block)
+        part = padded[:, k0:k1].reshape(panels, _ROWS, k1 - k0).transpose(0, 2, 1)
+        data[k0 * panels * _ROWS:k1 * panels * _ROWS] = part.reshape(-1)
+    return PackedWeights(data, m, k, block)
+
+
+@serial_and_parallel
+def _pack_gathered_kernel(taps, rows, channels, block, out):
+    """taps: float32 (K, C, T); rows: int64 (R,); channels: int64 (S,) -> out: float32 (P*S*T*MR,), the
+    PackedWeights layout (K blocks of ``block``) of taps[rows][:, channels] flattened to (R, S*T), lanes past
+    R zero. One task per panel, written in order: each step reads one value from each of the panel's MR weight
+    rows (MR short read streams). One task per lane instead (unit-stride reads, writes of stride MR over the
+    whole output) took ~3x longer on ResNet-18's gated layer-4 weights, the output not staying in L2."""
+    _, c, n_taps = taps.shape
+    n_rows = rows.shape[0]
+    n_sel = channels.shape[0]
+    mr = _ROWS
+    panels = (n_rows + mr - 1) // mr
+    u = np.uint64
+    steps = u(n_sel) * u(n_taps)
+    tf = taps.reshape(-1)
+    umr = u(mr)
+    up = u(panels)
+    ublock = u(block)
+    ut = u(n_taps)
+    for p in numba.prange(panels):
+        lanes = min(mr, n_rows - p * mr)
+        starts = np.empty(mr, dtype=np.uint64)
+        for i in range(lanes):
+            starts[i] = u(rows[p * mr + i]) * u(c) * ut
+        step = u(0)
+        for s in range(n_sel):
+            offset = u(channels[s]) * ut
+            for t in range(ut):
+                b0 = (step // ublock) * ublock
+                width = min(ublock, steps - b0)
+                dst = b0 * up * umr + u(p) * width * umr + (step - b0) * umr
+                for i in range(lanes):
+                    out[dst + u(i)] = tf[starts[i] + offset + t]
+                for i in range(lanes, mr):
+                    out[dst + u(i)] = 0.0
+                step += u(1)
+
+
+def pack_gathered(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarray | None, out: np.ndarray,
+                  context: KernelContext | None = None) -> PackedWeights:
+    """The packed weights of a gated conv's GEMM, gathered: taps float32 (K, C, T) C-contiguous; rows: int64
+    (R,) or None (all K); channels: int64 (S,) or None (all C); out: float32 flat scratch of at least
+    packed_size(R, S*T) elements, which the result's data is a view of. Equal to pack(taps[rows][:, channels]
+    flattened to (R, S*T))."""
+    if MICRO is None:
+        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    k, c, n_taps = taps.shape
+    rows = all_indices(k) if rows is None else np.asarray(rows, dtype=np.int64)
+    channels = all_indices(c) if channels is None else np.asarray(channels, dtype=np.int64)
+    depth = channels.shape[0] * n_taps
+    data = out[:packed_size(rows.shape[0], depth)]
+    threads = None if context is None else context.threads
+    _pack_gathered_kernel(threads, data.size, np.ascontiguousarray(taps, dtype=np.float32), rows, channels, DEPTH,
+                          data)
+    return PackedWeights(data, rows.shape[0], depth, DEPTH)
+
+
+@jit
+def _column_blocks(n, widths):
+    """The column blocks of N columns, greedily from the widest width: int64 (B, 2) of (first column, width)."""
+    count = 0
+    left = n
+    for w in widths:
+        count += left // w
+        left %= w
+    blocks = np.empty((count, 2), dtype=np.int64)
+    b = 0
+    start = 0
+    for w in widths:
+        while n - start >= w:
+            blocks[b, 0] = start
+            blocks[b, 1] = w
+            start += w
+            b += 1
+    return blocks
+
+
+@serial_and_parallel
+def _gemm_kernel(packed, m, block, b, bias, has_bias, code, alpha, beta, lo, hi, dest, widths, chunks, tile_bytes,
+                 out):
+    """packed: float32 (P*K*MR,) (PackedWeights.data, K blocks of ``block``); b: float32 (K, N) C-contiguous;
+    dest: int64 (m,) rows of out; widths: int64, the microkernel's column widths (column_widths); out: float32
+    (R, N) C-contiguous: out[dest[i]] = act(row i of the packed matrix @ b + bias[dest[i]]), other rows untouched.
+
+    Panels split into ``chunks`` (one per thread); each chunk runs groups of column blocks (whose tiles fit in
+    ``tile_bytes``), then K blocks, then column blocks, then its panels, and finishes each group's tiles through
+    the epilogue. The microkernels read b in place (row stride N). (Copying b into contiguous column blocks
+    first made every measured shape slower: 1.02-1.8x.)"""
+    k, n = b.shape
+    mr = _ROWS
+    panels = (m + mr - 1) // mr
+    blocks = _column_blocks(n, widths)
+    n_blocks = blocks.shape[0]
+    of = out.reshape(-1)
+    bf = b.reshape(-1)
+    for chunk in numba.prange(chunks):
+        p0, p1 = chunk_bounds(chunk, chunks, panels)
+        cap = max(widths[0], tile_bytes // (4 * mr * max(1, p1 - p0)))
+        tiles = np.empty((p1 - p0) * min(cap + widths[0], n) * mr, dtype=np.float32)
+        g0 = 0
+        while g0 < n_blocks:
+            c0 = blocks[g0, 0]
+            g1 = g0 + 1
+            while g1 < n_blocks and blocks[g1, 0] + blocks[g1, 1] - c0 <= cap:
+                g1 += 1
+            span = blocks[g1 - 1, 0] + blocks[g1 - 1, 1] - c0
+            for k0 in range(0, k, block):
+                steps = min(block, k - k0)
+                for jb in range(g0, g1):
+                    j0 = blocks[jb, 0]
+                    for p in range(p0, p1):
+                        _micro(blocks[jb, 1], packed, (k0 * panels + p * steps) * mr, bf, k0 * n + j0, n, tiles,
+                               ((p - p0) * span + j0 - c0) * mr, steps, k0 > 0)
+            for p in range(p0, p1):
+                rows = min(mr, m - p * mr)
+                base = (p - p0) * span * mr
+                for i in range(rows):
+                    row = dest[p * mr + i]
+                    bv = bias[row] if has_bias else np.float32(0.0)
+                    o = row * n + c0
+                    for j in range(span):
+                        of[o + j] = activate_value(tiles[base + j * mr + i] + bv, code, alpha, beta, lo, hi)
+            g0 = g1
+
+
+def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, bias: np.ndarray | None,
+                act: Activation | None, context: KernelContext | None = None, rows: np.ndarray | None = None,
+                parallel_macs: int = 1 << 25) -> None:
+    """out[rows] = act(A @ b + bias[rows, None]) for A the ``m`` x K matrix of ``packed`` (pack or
+    pack_gathered); the other rows of out are not written.
+
+    b: float32 (K, N) C-contiguous; out: float32 (R, N) C-contiguous; rows: int64 (m,) distinct rows of out
+    (None: 0..m-1); bias: float32 (R,) or None. Split over the run's threads by panels when it has
+    ``parallel_macs`` MACs or more.
+    """
+    if MICRO is None:
+        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    k = packed.depth
+    if m != packed.rows or m <= 0:
+        raise ValueError(f"packed weights hold {packed.rows} rows, not {m}")
+    if b.ndim != 2 or b.shape[0] != k or not b.flags.c_contiguous or b.dtype != np.float32:
+        raise ValueError(f"b must be C-contiguous float32 ({k}, N), got {b.shape} {b.dtype}")
+    if out.ndim != 2 or out.shape[1] != b.shape[1] or not out.flags.c_contiguous or out.dtype != np.float32:
+        raise ValueError(f"out must be C-contiguous float32 (R, {b.shape[1]}), got {out.shape}")
+    if rows is None:
+        if m > out.shape[0]:
+            raise ValueError(f"out has {out.shape[0]} rows for {m} results")
+        rows = all_indices(m)
+    elif rows.shape != (m,) or rows.dtype != np.int64 or rows.min() < 0 or rows.max() >= out.shape[0]:
+        raise ValueError(f"rows must be int64 ({m},) within 0..{out.shape[0] - 1}")
+    if bias is not None and bias.shape != (out.shape[0],):
+        raise ValueError(f"bias must be ({out.shape[0]},), got {bias.shape}")
+    code, alpha, beta, lo, hi = activation_params(act)
+    has_bias = bias is not None
+    threads = None if context is None else context.threads
+    macs = m * k * b.shape[1]
+    parallel = threads != 1 and macs >= parallel_macs
+    panels = panel_count(m)
+    chunks = min(panels, numba.config.NUMBA_NUM_THREADS if threads is None else threads) if parallel else 1
+    _gemm_kernel(threads, macs if parallel else 0, packed.data, m, packed.block, b,
+                 bias if has_bias else zeros(out.shape[0]), has_bias, code, alpha, beta, lo, hi, rows, _WIDTHS, chunks,
+                 TILE_BYTES, out)

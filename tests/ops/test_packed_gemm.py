@@ -1,0 +1,196 @@
+"""The numba backend's packed GEMM (parsicore.kernels.numba_backend.packed_gemm) against a float64 reference:
+the kernel alone (any shape, bias, activation, destination rows, threads, the packed weights of gathered rows
+and columns), and Conv's dense and gated paths with it forced on at every shape."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from parsicore.kernels import factories
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.ops.conv import ConvAttrs
+from tests.ops._strategies_conv import ConvCase, activations, channel_lists, constants_set, conv_cases
+from tests.ops.test_conv import _compact, _expand, assert_close, expected, path_of, zero_inactive
+from tests.strategies import seeded_array
+
+packed_gemm = pytest.importorskip("parsicore.kernels.numba_backend.packed_gemm")
+if not packed_gemm.available():
+    pytest.skip("no packed GEMM on this machine (no vector FMA)", allow_module_level=True)
+
+
+def packed_everywhere() -> contextlib.AbstractContextManager[None]:
+    """Within the block, every conv GEMM takes the packed GEMM (the test shapes are far below its thresholds)."""
+    return constants_set(packed_gemm, ENABLED=True, MAX_COLUMNS=1 << 62, MIN_DEPTH=0, MIN_WEIGHTS=0)
+
+
+def _context(threads: int) -> KernelContext:
+    context = KernelContext()
+    context.threads = threads
+    return context
+
+
+def test_micro_shape_per_cpu() -> None:
+    """The tile follows the vector width: AVX-512 16x25, AVX2 16x6 (needs FMA), NEON 8x12, none without."""
+    assert packed_gemm.micro_shape({"avx512f": True, "avx2": True, "fma": True}, "x86_64") == (16, 1, 25)
+    assert packed_gemm.micro_shape({"avx2": True, "fma": True}, "x86_64") == (8, 2, 6)
+    assert packed_gemm.micro_shape({"avx2": True}, "x86_64") is None
+    assert packed_gemm.micro_shape({"neon": True}, "aarch64") == (4, 2, 12)
+    assert packed_gemm.micro_shape({}, "riscv64") is None
+    assert packed_gemm.MICRO.rows == packed_gemm.MICRO.lanes * packed_gemm.MICRO.vectors
+
+
+@given(m=st.integers(1, 70), k=st.integers(1, 450), n=st.integers(1, 90), has_bias=st.booleans(),
+       act=activations(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1),
+       depth=st.sampled_from([None, 1, 7]), data=st.data())
+def test_packed_gemm_matches_reference(m: int, k: int, n: int, has_bias: bool, act: Activation | None, threads: int,
+                                       seed: int, depth: int | None, data: st.DataObject) -> None:
+    """out[rows] = act(a @ b + bias[rows]) at every edge: rows past a panel, columns past a block, K blocks of
+    1 and 7 steps, scattered destination rows (other rows untouched), 2 threads splitting the panels."""
+    a = seeded_array(seed, (m, k))
+    b = seeded_array(seed + 1, (k, n))
+    spread = data.draw(st.booleans())
+    total = m + (data.draw(st.integers(0, 5)) if spread else 0)
+    rows = np.sort(np.random.default_rng(seed).choice(total, m, replace=False)).astype(np.int64) if spread else None
+    bias = seeded_array(seed + 2, (total,)) if has_bias else None
+    out = np.full((total, n), np.nan, dtype=np.float32)
+    packed = packed_gemm.pack(a, depth)
+    packed_gemm.packed_gemm(packed, m, b, out, bias, act, _context(threads), rows, parallel_macs=0)
+    dest = np.arange(m) if rows is None else rows
+    want = a.astype(np.float64) @ b.astype(np.float64) + (0.0 if bias is None else bias[dest, None])
+    want = want.astype(np.float32)
+    apply_activation(want, act)
+    scale = float(max(1.0, np.abs(a.astype(np.float64) @ b).max()))
+    np.testing.assert_allclose(out[dest], want, rtol=1e-4, atol=1e-4 * scale)
+    untouched = np.setdiff1d(np.arange(total), dest)
+    assert np.isnan(out[untouched]).all(), "rows outside ``rows`` must stay unwritten"
+
+
+def naive_packed_layout(a: np.ndarray, block: int) -> np.ndarray:
+    """The PackedWeights data of a (M, K), element by element from the documented layout (lanes past M 0)."""
+    m, k = a.shape
+    mr = packed_gemm.MICRO.rows
+    panels = -(-m // mr)
+    data = np.zeros(panels * k * mr, dtype=np.float32)
+    for r in range(m):
+        for t in range(k):
+            b0 = (t // block) * block
+            steps = min(block, k - b0)
+            data[b0 * panels * mr + (r // mr) * steps * mr + (t - b0) * mr + r % mr] = a[r, t]
+    return data
+
+
+@given(m=st.integers(1, 40), k=st.integers(1, 60), block=st.sampled_from([1, 7, 192]), seed=st.integers(0, 2**32 - 1))
+def test_pack_matches_naive_layout(m: int, k: int, block: int, seed: int) -> None:
+    a = seeded_array(seed, (m, k))
+    packed = packed_gemm.pack(a, block)
+    assert (packed.rows, packed.depth, packed.block) == (m, k, block)
+    np.testing.assert_array_equal(packed.data, naive_packed_layout(a, block))
+
+
+@given(k=st.integers(1, 40), c=st.integers(1, 12), taps=st.sampled_from([1, 4, 9]), seed=st.integers(0, 2**32 - 1),
+       block=st.sampled_from([5, 192]), data=st.data())
+def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int, block: int,
+                                            data: st.DataObject) -> None:
+    """The packed weights of the active rows and columns: the layout of taps[rows][:, channels] flattened (a
+    NumPy gather and the element-by-element layout as the reference), whatever the scratch held."""
+    weights = seeded_array(seed, (k, c, taps))
+    rows = data.draw(st.one_of(st.none(), channel_lists(k, 1).map(lambda lists: lists[0])))
+    chans = data.draw(st.one_of(st.none(), channel_lists(c, 1).map(lambda lists: lists[0])))
+    if rows is not None and rows.size == 0:
+        rows = None
+    use_rows = np.arange(k) if rows is None else rows
+    use_chans = np.arange(c) if chans is None else chans
+    gathered = weights[use_rows][:, use_chans].reshape(use_rows.size, -1)
+    scratch = np.full(packed_gemm.packed_size(use_rows.size, gathered.shape[1]) + 3, np.nan, dtype=np.float32)
+    with constants_set(packed_gemm, DEPTH=block):
+        got = packed_gemm.pack_gathered(weights, rows, chans, scratch, _context(2))
+    assert (got.rows, got.depth, got.block) == (use_rows.size, gathered.shape[1], block)
+    np.testing.assert_array_equal(got.data, naive_packed_layout(gathered, block))
+
+
+def test_packed_gemm_rejects_mismatched_operands() -> None:
+    a = packed_gemm.pack(np.ones((20, 8), dtype=np.float32))
+    out = np.empty((20, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="b must be"):
+        packed_gemm.packed_gemm(a, 20, np.ones((7, 5), dtype=np.float32), out, None, None)
+    with pytest.raises(ValueError, match="hold 20 rows"):
+        packed_gemm.packed_gemm(a, 40, np.ones((8, 5), dtype=np.float32), out, None, None)
+    with pytest.raises(ValueError, match="rows must be"):
+        packed_gemm.packed_gemm(a, 20, np.ones((8, 5), dtype=np.float32), out, None, None,
+                                rows=np.arange(20, dtype=np.int64) + 1)
+
+
+# --- Conv with the packed GEMM ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@given(data=st.data())
+def test_conv_packed_gemm_paths_match_reference(threads: int, data: st.DataObject) -> None:
+    """im2col and 1x1 convs, dense and gated (rows, columns, both; full or channel-compact layouts), with the
+    packed GEMM forced on: the weights packed at load, or the active rows and columns gathered per call."""
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1"]))
+    case = data.draw(conv_cases(kind))
+    if kind == "im2col_gemm" and case.attrs.groups != 1:
+        return
+    n, c, k = case.x.shape[0], case.in_shape[0], case.out_shape[0]
+    mode = data.draw(st.sampled_from(["dense", "rows", "columns", "both", "compact_in", "compact_out"]))
+    active_out = data.draw(channel_lists(k, n)) if mode in ("rows", "both", "compact_out") else None
+    active_in = data.draw(channel_lists(c, n)) if mode in ("columns", "both", "compact_in") else None
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=_context(threads))
+    with packed_everywhere():
+        kernel = factories("numba")["Conv"](spec)
+        assert kernel.gemm_panels is not None
+        x = case.x
+        if mode == "compact_in":
+            x = _compact(case.x, active_in)
+        elif active_in is not None:
+            x = zero_inactive(case.x, active_in)
+        y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+        kernel([x], [y], active_out=active_out, active_in=active_in, compact_in=mode == "compact_in",
+               compact_out=mode == "compact_out")
+    if mode == "compact_out":
+        for i, rows in enumerate(active_out):
+            assert np.isnan(y[i, rows.size:]).all(), "planes past the active channels must stay unwritten"
+        y = _expand(y, active_out)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
+    """A late-layer sized conv at the real thresholds (no forcing: 7x7 outputs, 256 -> 64 channels, K = 2304): the
+    dense call takes the weights packed at load, a gated call (48 rows, 192 channels) the gathered ones; both match
+    the reference. Where the packed GEMM is not on (packed_gemm.ENABLED), BLAS runs and must match all the same."""
+    case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(60, (1, 256, 7, 7)),
+                    seeded_array(61, (64, 256, 3, 3), scale=0.02), seeded_array(62, (64,)), Activation("relu"),
+                    (64, 7, 7))
+    assert path_of(case) == "im2col_gemm"
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=_context(threads))
+    kernel = factories("numba")["Conv"](spec)
+    assert (kernel.gemm_panels is not None) == packed_gemm.ENABLED
+    calls = []
+    own = kernel.micro.packed_gemm
+
+    def spy(*args: object, **kwargs: object) -> None:
+        calls.append(args[1])
+        own.run(*args, **kwargs)
+
+    kernel.micro = dataclasses.replace(kernel.micro, packed_gemm=dataclasses.replace(own, run=spy))
+    y = np.full((1, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+    rows = [np.sort(np.random.default_rng(63).choice(64, 48, replace=False)).astype(np.int64)]
+    chans = [np.arange(64, 256, dtype=np.int64)]
+    kernel([zero_inactive(case.x, chans)], [y], active_out=rows, active_in=chans)
+    want, scale = expected(case, active_out=rows, active_in=chans)
+    assert_close(y, want, scale)
+    assert calls == ([64, 48] if packed_gemm.ENABLED else [])
