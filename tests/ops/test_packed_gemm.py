@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from parsicore.kernels import factories
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
 from parsicore.ops.conv import ConvAttrs
-from tests.ops._strategies_conv import ConvCase, activations, channel_lists, constants_set, conv_cases
+from tests.ops._strategies_conv import (
+    ConvCase,
+    activations,
+    channel_lists,
+    constants_set,
+    conv_cases,
+    winograd_cases,
+    winograd_tile,
+)
 from tests.ops.test_conv import _compact, _expand, assert_close, expected, path_of, zero_inactive
 from tests.strategies import seeded_array
 
@@ -114,6 +122,18 @@ def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int
     np.testing.assert_array_equal(got.data, naive_packed_layout(gathered, block))
 
 
+@given(x=st.integers(1, 5), m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 60),
+       parallel=st.sampled_from([None, True]), seed=st.integers(0, 2**32 - 1))
+def test_packed_gemm_slices_match_reference(x: int, m: int, k: int, n: int, parallel: bool | None, seed: int) -> None:
+    """A stack of GEMMs (Winograd's slices) on weights packed per slice, serial or split over 2 threads."""
+    u = seeded_array(seed, (x, m, k))
+    b = seeded_array(seed + 1, (x, k, n))
+    out = np.full((x, m, n), np.nan, dtype=np.float32)
+    packed_gemm.packed_gemm_slices(packed_gemm.pack_slices(u), b, out, _context(2), parallel)
+    want = np.matmul(u.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
+
+
 def test_packed_gemm_rejects_mismatched_operands() -> None:
     a = packed_gemm.pack(np.ones((20, 8), dtype=np.float32))
     out = np.empty((20, 5), dtype=np.float32)
@@ -160,6 +180,29 @@ def test_conv_packed_gemm_paths_match_reference(threads: int, data: st.DataObjec
             assert np.isnan(y[i, rows.size:]).all(), "planes past the active channels must stay unwritten"
         y = _expand(y, active_out)
     want, scale = expected(case, active_out=active_out, active_in=active_in)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+@given(data=st.data())
+def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, data: st.DataObject) -> None:
+    """A dense Winograd conv (both tile sizes) with its transformed weights packed per slice; gated calls keep the
+    BLAS path on the gathered slices and must match too."""
+    case = data.draw(winograd_cases())
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=_context(threads))
+    with packed_everywhere(), winograd_tile(tile):
+        kernel = factories("numba")["Conv"](spec)
+    assert kernel.path == "winograd_3x3" and kernel.winograd_packed is not None
+    y = np.full((case.x.shape[0], *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+    n = case.x.shape[0]
+    active_out = data.draw(channel_lists(case.out_shape[0], n))
+    kernel([case.x], [y], active_out=active_out)
+    want, scale = expected(case, active_out=active_out)
     assert_close(y, want, scale)
 
 

@@ -566,7 +566,9 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       packed_gemm=PackedGemm(pays=packed_gemm.pays, pack=packed_gemm.pack,
                                                              pack_gathered=packed_gemm.pack_gathered,
                                                              packed_size=packed_gemm.packed_size,
-                                                             run=packed_gemm.packed_gemm)
+                                                             run=packed_gemm.packed_gemm,
+                                                             pack_slices=packed_gemm.pack_slices,
+                                                             run_slices=packed_gemm.packed_gemm_slices)
                                       if packed_gemm.available() else None)
 
 

@@ -2,26 +2,28 @@
 
 NumPy's BLAS packs both operands on every call. For a conv the weight operand never changes, and at the
 skinny shapes of late CNN layers packing it is much of the call: ResNet-18's layer-4 GEMM (512x4608 weights
-by a 4608x49 im2col matrix) took ~2.0 ms in OpenBLAS (SkylakeX kernels), of which ~1.5 ms is fixed cost
-whatever N is. Here the weights are packed once (:func:`pack`) into panels of ``MR`` output rows,
-``(panels, K, MR)``, so each step of the inner loop reads MR consecutive floats.
+by a 4608x49 im2col matrix) took 2.0-2.4 ms in OpenBLAS (SkylakeX kernels), of which ~1.5 ms is fixed cost
+whatever N is. Here the weights are packed once (:func:`pack`, :class:`PackedWeights`) into panels of ``MR``
+output rows, in the order the GEMM reads them, so each step of the inner loop reads MR consecutive floats and
+the whole matrix is one stream (prefetched ``PREFETCH_STEPS`` ahead: a model's late-layer weights are not in
+cache when their conv runs).
 
-Microkernel: an MR x NR tile of the output is held in ``NR * VECTORS`` LLVM vector registers of ``LANES``
-floats (the vectors run along output rows). Each of the K steps loads MR packed weights (VECTORS vectors),
-broadcasts NR values of the im2col row, and does NR * VECTORS fused multiply-adds. Numba has no SIMD types,
-and its loops over a local accumulator array stay scalar (measured: ~10 GFLOP/s), so the microkernel is an
-``@intrinsic`` that writes the loop in LLVM IR with vector types; LLVM lowers them on every target (a
-<16 x float> is one AVX-512 register, two AVX2 ones, four NEON ones), so the tile shape is chosen per
-vector width (:func:`micro_shape`).
+Microkernel: an MR x NR tile of the output is held in NR * vectors LLVM vector registers of ``lanes``
+floats (the vectors run along output rows). Each of the K steps loads MR packed weights, broadcasts NR
+values of the im2col row, and does NR * vectors fused multiply-adds. Numba has no SIMD types, and its loops
+over a local accumulator array stay scalar (measured: ~10 GFLOP/s), so the microkernel is an ``@intrinsic``
+that writes the loop in LLVM IR with vector types; LLVM lowers them on every target (a <16 x float> is one
+AVX-512 register, two AVX2 ones, four NEON ones), so the tile shape is chosen per vector width
+(:func:`micro_shape`). One intrinsic holds a loop per column width (:func:`column_widths`: NR, then powers of
+two below it), so N columns are cut into exact blocks and no read passes the end of the operand.
 
 Blocking (Goto's loop order, without packing the second operand): K in blocks of ``DEPTH`` steps, so the
-NR columns of the im2col block a microkernel reads (DEPTH x NR floats) stay in L1 while every panel runs
-over them; output columns in groups whose tiles (the accumulators between K blocks) fit in about 256 KB.
-The last partial column block is copied into a zero-padded DEPTH-free (K, NR) buffer, so no read passes the
-end of the operand. Tiles are written to the output through the epilogue (bias + activation), transposed
-(the vectors run along output rows, the output is row-major).
+im2col block a microkernel reads (DEPTH x NR floats) stays in L1 while every panel runs over it; output
+columns in groups whose tiles (the accumulators between K blocks) fit in ``TILE_BYTES``. Tiles are written
+to the output through the epilogue (bias + activation), transposed (the vectors run along output rows, the
+output is row-major).
 
-Measured on ResNet-18 layer 4's GEMM, 1 thread (``python scripts/bench_kernels.py --only packed_gemm``).
+Figures: ``python scripts/bench_kernels.py --only packed_gemm`` (1 thread, against OpenBLAS).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from parsicore.kernels.base import Activation, KernelContext
-from parsicore.kernels.numba_backend.epilogue import activate_value, activation_params, all_indices, zeros
-from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel
+from parsicore.kernels.numba_backend.epilogue import activation_params, all_indices, finish_span, zeros
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, jit_inline, serial_and_parallel
 
 
 class MicroShape(NamedTuple):
@@ -84,23 +86,30 @@ MICRO = micro_shape(dict(llvm.get_host_cpu_features()), platform.machine())
 ENABLED = MICRO is not None and MICRO.lanes == 16
 
 #: The shapes where it beats OpenBLAS (SkylakeX kernels, 1 thread; ``python scripts/bench_kernels.py --only
-#: packed_gemm``): few columns (N <= MAX_COLUMNS output pixels, where BLAS's per-call packing of the weights is
-#: most of its time), a deep product (K >= MIN_DEPTH) and enough weights (M*K >= MIN_WEIGHTS), which pay for
-#: the microkernel's tile loads and the transposing epilogue. Dense, against np.matmul: 256x2304 by N = 16, 25,
-#: 36, 49: 0.54, 0.49, 0.80, 0.69; at N = 64 1.01-1.12 (OpenBLAS is at its best on 64 columns), at 196
-#: 0.93-1.01, at >= 784 1.2-1.4. Gated (pack_gathered + this against gather_weights + np.matmul, N = 49):
-#: 128x576 0.95-0.98, 64x1152 0.89-0.90, 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35.
-MAX_COLUMNS = 50
+#: packed_gemm`` has a row per kind): enough weights (M*K >= MIN_WEIGHTS) and a deep product (K >= MIN_DEPTH),
+#: which pay for the microkernel's tile loads and the transposing epilogue, and few columns: N <= MAX_COLUMNS,
+#: or N <= MAX_COLUMNS_DEEP with K >= MIN_DEPTH_WIDE (where BLAS's per-call packing of the weights is most of
+#: its time). Dense, against np.matmul (one-off sweeps of M x K by N): 256x2304 at N = 16, 25, 36, 49, 64, 100,
+#: 196: 0.53, 0.48, 0.62, 0.66, 0.92, 0.81, 0.87; 512x256 at 49, 64, 100, 196: 0.77, 1.03, 0.94, 1.04; 32x288 at
+#: 49: 1.00, at 64: 1.44; N >= 784 1.2-1.4. Winograd slices, 16 x 256x256 by 56: 0.88, 36 x 128x128 by 56:
+#: 1.14. Gated (pack_gathered + this against gather_weights + np.matmul, N = 49): 128x576 0.95-0.98,
+#: 64x1152 0.89-0.90, 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35.
+MAX_COLUMNS = 64
+MAX_COLUMNS_DEEP = 200
 MIN_DEPTH = 256
+MIN_DEPTH_WIDE = 512
 MIN_WEIGHTS = 1 << 16
 
-#: K steps per block: the NR-column im2col block a microkernel reads is DEPTH x NR floats (12.5 KB at NR 25),
-#: kept in L1 across the panels. Measured at 512x4608x49: 128 1.33-1.42 ms, 192 1.25-1.34, 256 1.57, 512 1.43-1.53,
-#: unblocked 1.56-1.60.
+#: K steps per block: the NR-column im2col block a microkernel reads is DEPTH x NR floats (19 KB at NR 25),
+#: kept in L1 across the panels. At 512x4608x49, hot (a one-off check on a prototype of the microkernel): 128
+#: 1.33-1.42 ms, 192 1.25-1.34, 256 1.57, 512 1.43-1.53, unblocked 1.56-1.60.
 DEPTH = 192
 
-#: The microkernel prefetches the packed weights this many steps ahead (0: not at all). Read in the order
-#: they are packed, they are one stream, so a fixed distance always fetches what comes next.
+#: The microkernel prefetches the packed weights this many steps ahead (0: not at all). Read in the order they
+#: are packed, they are one stream, so a fixed distance always fetches what comes next. 512x4608x49 cycling
+#: through 8 weight matrices (cold; one-off checks, the constant edited between runs): none 2.56 ms, 8 steps
+#: 2.09, 16 1.94, 32 1.80-1.86, 64 1.86, 128 1.89 (OpenBLAS 2.8). Panel-major packing (each panel's K steps
+#: contiguous) without prefetch took the same 2.56 ms cold as K-block-major: the prefetch is what helps.
 PREFETCH_STEPS = 32
 
 #: Bytes of accumulator tiles kept between K blocks per thread (a group of output columns at a time).
@@ -108,17 +117,11 @@ TILE_BYTES = 1 << 18
 
 
 def column_widths(shape: MicroShape) -> tuple[int, ...]:
-    """The microkernel's column counts, widest first: NR, then the powers of two below it. A GEMM's N columns are
-    cut greedily into blocks of these widths (N = 49 at NR 25: 25 + 16 + 8), so no block computes padding.
-    Padding the last block to NR instead cost as much as a full block: at N = 64 (25 + 25 + 14) the GEMM was
-    1.04-1.15x slower than OpenBLAS, at N = 75 (no padding) 0.71-0.78x."""
-    widths = [shape.columns]
-    width = 1 << (shape.columns - 1).bit_length() - 1 if shape.columns > 1 else 0
-    while width >= 1:
-        if width < shape.columns:
-            widths.append(width)
-        width //= 2
-    return tuple(widths)
+    """The microkernel's column counts, widest first: NR, the multiples of 4 below it, then 2 and 1 (AVX-512: 25,
+    24, 20, 16, 12, 8, 4, 2, 1). :func:`column_blocks` cuts a GEMM's N columns into blocks of these widths, so
+    no block computes padding and the blocks are about equally wide."""
+    widths = [shape.columns] + [w for w in range(shape.columns - 1, 2, -1) if w % 4 == 0] + [2, 1]
+    return tuple(w for i, w in enumerate(widths) if w <= shape.columns and w not in widths[:i])
 
 
 def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int, ptrs, ldb_v, depth_v, acc_v):
@@ -232,7 +235,8 @@ def available() -> bool:
 
 def pays(rows: int, depth: int, columns: int) -> bool:
     """Whether an M x K by K x N GEMM (``rows``, ``depth``, ``columns``) takes the packed GEMM here."""
-    return ENABLED and columns <= MAX_COLUMNS and depth >= MIN_DEPTH and rows * depth >= MIN_WEIGHTS
+    return ENABLED and depth >= MIN_DEPTH and rows * depth >= MIN_WEIGHTS and (
+        columns <= MAX_COLUMNS or (columns <= MAX_COLUMNS_DEEP and depth >= MIN_DEPTH_WIDE))
 
 
 def panel_count(rows: int) -> int:
@@ -249,10 +253,10 @@ def packed_size(rows: int, depth: int) -> int:
 class PackedWeights:
     """An M x K weight matrix packed for the microkernel, in the order the GEMM reads it: K in blocks of
     ``block`` steps; within a block, panel by panel (MR rows, the rows past M zero); within a panel, step by
-    step, MR floats each. So one pass of the GEMM over a K block (its first column block) reads the weights
-    front to back: cold weights (a model's late layers, 9.4 MB each, do not stay in cache between calls)
-    stream at memory speed. In panel-major order (each panel's K steps contiguous) the same GEMM on cold
-    weights took 2.6 ms against 1.6 hot, as long as OpenBLAS.
+    step, MR floats each. So the GEMM's first pass over each K block reads the weights front to back, one stream
+    that a fixed-distance prefetch keeps ahead of (PREFETCH_STEPS): cold weights (a model's late layers, 9.4
+    MB each, are not in cache when their conv runs) then cost 1.8 ms against 1.6 hot; without the prefetch,
+    2.6 ms in either order, as long as OpenBLAS.
 
     data: float32 (panel_count(rows) * depth * MR,); element (row r, step t) of block b = t // block lies at
     b*block*P*MR + (r // MR)*steps_b*MR + (t - b*block)*MR + r % MR, steps_b = min(block, depth - b*block)."""
@@ -278,6 +282,13 @@ def pack(a: np.ndarray, block: int | None = None) -> PackedWeights:
         part = padded[:, k0:k1].reshape(panels, _ROWS, k1 - k0).transpose(0, 2, 1)
         data[k0 * panels * _ROWS:k1 * panels * _ROWS] = part.reshape(-1)
     return PackedWeights(data, m, k, block)
+
+
+def pack_slices(u: np.ndarray) -> PackedWeights:
+    """u: float32 (X, M, K), a stack of weight matrices (Winograd's transformed weights) -> PackedWeights whose
+    data is (X, panel_count(M) * K * MR), each row one slice packed as pack() does."""
+    data = np.stack([pack(u[x]).data for x in range(u.shape[0])])
+    return PackedWeights(data, u.shape[1], u.shape[2], DEPTH)
 
 
 @serial_and_parallel
@@ -339,22 +350,72 @@ def pack_gathered(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarra
 
 @jit
 def _column_blocks(n, widths):
-    """The column blocks of N columns, greedily from the widest width: int64 (B, 2) of (first column, width)."""
+    """N columns cut into blocks of the microkernel's widths (widths: int64, widest first, ending in 1): as many
+    blocks as N / NR needs, each of the narrowest width at least N / blocks, then the rest greedily from the
+    widest. int64 (B, 2) of (first column, width). N = 49 at NR 25: 25 + 24; 56: 20 + 20 + 16; 64: 24 + 24 + 16.
+    Cutting greedily from NR left narrow blocks (56: 25 + 25 + 4 + 2), each almost as slow as a wide one: it
+    re-reads the weights for a few columns (16 slices of 256x256 by 56 columns: 1.01x OpenBLAS's time against
+    0.81x at 49 = 25 + 16 + 8)."""
+    blocks = np.empty((n + 1, 2), dtype=np.int64)
     count = 0
-    left = n
-    for w in widths:
-        count += left // w
-        left %= w
-    blocks = np.empty((count, 2), dtype=np.int64)
-    b = 0
     start = 0
+    if n > 0:
+        wanted = -(-n // -(-n // widths[0]))  # ceil(n / ceil(n / NR))
+        even = widths[0]
+        for w in widths:
+            if w >= wanted:
+                even = w
+        while n - start >= even:
+            blocks[count, 0] = start
+            blocks[count, 1] = even
+            start += even
+            count += 1
     for w in widths:
         while n - start >= w:
-            blocks[b, 0] = start
-            blocks[b, 1] = w
+            blocks[count, 0] = start
+            blocks[count, 1] = w
             start += w
-            b += 1
-    return blocks
+            count += 1
+    return blocks[:count]
+
+
+@jit_inline
+def _gemm_panels(packed, a0, m, block, bf, k, n, blocks, bias, has_bias, code, alpha, beta, lo, hi, dest, p0, p1,
+                 cap, tiles, line, of, o0):
+    """Panels [p0, p1) of one GEMM (see _gemm_kernel): the packed matrix at packed[a0:], b flat (bf, K x N), out
+    flat from of[o0:] (row stride N). ``tiles`` and ``line``: scratch of (p1 - p0) * (cap + NR) * MR and
+    (cap + NR) * MR floats; ``blocks`` from _column_blocks; ``cap``: columns per group of tiles."""
+    mr = _ROWS
+    panels = (m + mr - 1) // mr
+    n_blocks = blocks.shape[0]
+    g0 = 0
+    while g0 < n_blocks:
+        c0 = blocks[g0, 0]
+        g1 = g0 + 1
+        while g1 < n_blocks and blocks[g1, 0] + blocks[g1, 1] - c0 <= cap:
+            g1 += 1
+        span = blocks[g1 - 1, 0] + blocks[g1 - 1, 1] - c0
+        for k0 in range(0, k, block):
+            steps = min(block, k - k0)
+            for jb in range(g0, g1):
+                j0 = blocks[jb, 0]
+                for p in range(p0, p1):
+                    _micro(blocks[jb, 1], packed, a0 + (k0 * panels + p * steps) * mr, bf, k0 * n + j0, n, tiles,
+                           ((p - p0) * span + j0 - c0) * mr, steps, k0 > 0)
+        for p in range(p0, p1):
+            rows = min(mr, m - p * mr)
+            base = (p - p0) * span * mr
+            # Transposed into row order first (reads unit-stride), then each row through the vectorised epilogue:
+            # element by element through activate_value, strided, the epilogue took ~1.5 ns per output.
+            for j in range(span):
+                for i in range(mr):
+                    line[i * span + j] = tiles[base + j * mr + i]
+            for i in range(rows):
+                row = dest[p * mr + i]
+                bv = bias[row] if has_bias else np.float32(0.0)
+                finish_span(line, np.uint64(i * span), of, np.uint64(o0 + row * n + c0), span, bv, code, alpha, beta,
+                            lo, hi)
+        g0 = g1
 
 
 @serial_and_parallel
@@ -372,37 +433,37 @@ def _gemm_kernel(packed, m, block, b, bias, has_bias, code, alpha, beta, lo, hi,
     mr = _ROWS
     panels = (m + mr - 1) // mr
     blocks = _column_blocks(n, widths)
-    n_blocks = blocks.shape[0]
     of = out.reshape(-1)
     bf = b.reshape(-1)
     for chunk in numba.prange(chunks):
         p0, p1 = chunk_bounds(chunk, chunks, panels)
         cap = max(widths[0], tile_bytes // (4 * mr * max(1, p1 - p0)))
         tiles = np.empty((p1 - p0) * min(cap + widths[0], n) * mr, dtype=np.float32)
-        g0 = 0
-        while g0 < n_blocks:
-            c0 = blocks[g0, 0]
-            g1 = g0 + 1
-            while g1 < n_blocks and blocks[g1, 0] + blocks[g1, 1] - c0 <= cap:
-                g1 += 1
-            span = blocks[g1 - 1, 0] + blocks[g1 - 1, 1] - c0
-            for k0 in range(0, k, block):
-                steps = min(block, k - k0)
-                for jb in range(g0, g1):
-                    j0 = blocks[jb, 0]
-                    for p in range(p0, p1):
-                        _micro(blocks[jb, 1], packed, (k0 * panels + p * steps) * mr, bf, k0 * n + j0, n, tiles,
-                               ((p - p0) * span + j0 - c0) * mr, steps, k0 > 0)
-            for p in range(p0, p1):
-                rows = min(mr, m - p * mr)
-                base = (p - p0) * span * mr
-                for i in range(rows):
-                    row = dest[p * mr + i]
-                    bv = bias[row] if has_bias else np.float32(0.0)
-                    o = row * n + c0
-                    for j in range(span):
-                        of[o + j] = activate_value(tiles[base + j * mr + i] + bv, code, alpha, beta, lo, hi)
-            g0 = g1
+        line = np.empty(min(cap + widths[0], n) * mr, dtype=np.float32)
+        _gemm_panels(packed, 0, m, block, bf, k, n, blocks, bias, has_bias, code, alpha, beta, lo, hi, dest, p0, p1,
+                     cap, tiles, line, of, 0)
+
+
+@serial_and_parallel
+def _gemm_slices_kernel(packed, m, block, b, dest, widths, tile_bytes, out):
+    """A stack of GEMMs (Winograd's slices): packed: float32 (X, P*K*MR) (pack_slices); b: float32 (X, K, N);
+    out: float32 (X, m, N), all C-contiguous: out[x] = slice x of the packed weights @ b[x] (no epilogue).
+    Slices split over the threads."""
+    slices, k, n = b.shape
+    mr = _ROWS
+    panels = (m + mr - 1) // mr
+    blocks = _column_blocks(n, widths)
+    cap = max(widths[0], tile_bytes // (4 * mr * panels))
+    size = panels * k * mr
+    pf = packed.reshape(-1)
+    of = out.reshape(-1)
+    bias = np.zeros(1, dtype=np.float32)
+    for x in numba.prange(slices):
+        tiles = np.empty(panels * min(cap + widths[0], n) * mr, dtype=np.float32)
+        line = np.empty(min(cap + widths[0], n) * mr, dtype=np.float32)
+        _gemm_panels(pf, x * size, m, block, b[x].reshape(-1), k, n, blocks, bias, False, 0, np.float32(0.0),
+                     np.float32(0.0), np.float32(0.0), np.float32(0.0), dest, 0, panels, cap, tiles, line, of,
+                     x * m * n)
 
 
 def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, bias: np.ndarray | None,
@@ -442,3 +503,23 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     _gemm_kernel(threads, macs if parallel else 0, packed.data, m, packed.block, b,
                  bias if has_bias else zeros(out.shape[0]), has_bias, code, alpha, beta, lo, hi, rows, _WIDTHS, chunks,
                  TILE_BYTES, out)
+
+
+def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, context: KernelContext | None = None,
+                       parallel: bool | None = None, parallel_macs: int = 1 << 25) -> None:
+    """out[x] = U[x] @ b[x] for the X slices packed by :func:`pack_slices`: b float32 (X, K, N), out float32 (X, M,
+    N), C-contiguous. Slices split over the run's threads when ``parallel`` is True, or is None and the stack has
+    ``parallel_macs`` MACs or more."""
+    if MICRO is None:
+        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    m, k = packed.rows, packed.depth
+    slices = packed.data.shape[0]
+    if packed.data.ndim != 2 or b.shape[:2] != (slices, k) or not b.flags.c_contiguous or b.dtype != np.float32:
+        raise ValueError(f"b must be C-contiguous float32 ({slices}, {k}, N), got {b.shape} {b.dtype}")
+    if out.shape != (slices, m, b.shape[2]) or not out.flags.c_contiguous or out.dtype != np.float32:
+        raise ValueError(f"out must be C-contiguous float32 {(slices, m, b.shape[2])}, got {out.shape}")
+    threads = None if context is None else context.threads
+    macs = out.size * k
+    run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
+    _gemm_slices_kernel(threads, macs if run_parallel else 0, packed.data, m, packed.block, b, all_indices(m), _WIDTHS,
+                        TILE_BYTES, out)

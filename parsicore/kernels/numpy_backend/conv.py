@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -279,14 +280,18 @@ class PackedGemm:
     #: (rows M, depth K, columns N) -> whether this GEMM beats BLAS at that shape.
     pays: Callable[[int, int, int], bool]
     #: (a float32 (M, K)) -> packed weights, made once at load.
-    pack: Callable[[np.ndarray], np.ndarray]
+    pack: Callable[[np.ndarray], Any]
     #: (taps (K, C, T), rows, channels, scratch, context) -> packed weights of the active rows and columns.
-    pack_gathered: Callable[..., np.ndarray]
+    pack_gathered: Callable[..., Any]
     #: (rows, depth) -> scratch elements pack_gathered needs.
     packed_size: Callable[[int, int], int]
     #: (packed, m, b (K, N), out (R, N), bias (R,) | None, act, context, rows (m,) | None): out[rows] = act(A @ b
     #: + bias[rows]).
     run: Callable[..., None]
+    #: (u float32 (X, M, K)) -> packed weights of a stack of GEMMs (Winograd's slices), made once at load.
+    pack_slices: Callable[[np.ndarray], Any]
+    #: (packed, b (X, K, N), out (X, M, N), context, parallel): out[x] = U[x] @ b[x].
+    run_slices: Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,10 @@ class ConvKernel:
             # slices costs more than Winograd saves there (measured at 7x7 outputs). With more tiles, each gated
             # image still takes im2col when its active rows outnumber its active inputs (winograd.gated_pays).
             self.winograd_gated = winograd.tile_columns(self.tiles_h, self.tiles_w) >= winograd.GATED_MIN_COLUMNS
+            #: The transformed weights packed for the backend's own GEMM, where the dense call's slices take it.
+            self.winograd_packed = packed_gemm.pack_slices(self.winograd_u) if (
+                packed_gemm is not None and packed_gemm.pays(
+                    geom.k, geom.c, winograd.tile_columns(self.tiles_h, self.tiles_w))) else None
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
@@ -619,8 +628,11 @@ class ConvKernel:
             v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context, parallel)
-            # Equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice.
-            self._matmul(u, v, m, parallel)
+            if not gather and self.winograd_packed is not None:
+                assert self.micro.packed_gemm is not None
+                self.micro.packed_gemm.run_slices(self.winograd_packed, v, m, self.context, parallel)
+            else:  # equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice
+                self._matmul(u, v, m, parallel)
         if compact_out:
             self.micro.winograd_output(m, None, None if self.bias is None else self.bias[rows], self.activation,
                                        self.tiles_h, self.tiles_w, y[:n_rows], self.context, parallel)
