@@ -92,11 +92,13 @@ ENABLED = MICRO is not None and MICRO.lanes == 16
 #: its time). Dense, against np.matmul (one-off sweeps of M x K by N): 256x2304 at N = 16, 25, 36, 49, 64, 100,
 #: 196: 0.53, 0.48, 0.62, 0.66, 0.92, 0.81, 0.87; 512x256 at 49, 64, 100, 196: 0.77, 1.03, 0.94, 1.04; 32x288 at
 #: 49: 1.00, at 64: 1.44; N >= 784 1.2-1.4. Winograd slices, 16 x 256x256 by 56: 0.88, 36 x 128x128 by 56:
-#: 1.14. Gated (pack_gathered + this against gather_weights + np.matmul, N = 49): 128x576 0.95-0.98,
-#: 64x1152 0.89-0.90, 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35.
+#: 1.14. Shallow products at N = 49: 960x160 0.81, 512x128 0.83, 256x128 0.86, 128x128 1.12; at N = 16: 512x128
+#: 0.82, 256x192 1.04, 128x192 1.24; at N = 196, K < 512 loses (960x160 1.15, 256x128 1.10). Gated
+#: (pack_gathered + this against gather_weights + np.matmul, N = 49): 128x576 0.95-0.98, 64x1152 0.89-0.90,
+#: 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35.
 MAX_COLUMNS = 64
 MAX_COLUMNS_DEEP = 200
-MIN_DEPTH = 256
+MIN_DEPTH = 128
 MIN_DEPTH_WIDE = 512
 MIN_WEIGHTS = 1 << 16
 
