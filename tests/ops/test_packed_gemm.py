@@ -101,6 +101,17 @@ def test_pack_matches_naive_layout(m: int, k: int, block: int, seed: int) -> Non
     np.testing.assert_array_equal(packed.data, naive_packed_layout(a, block))
 
 
+@given(x=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 60), block=st.sampled_from([1, 7, 192]),
+       seed=st.integers(0, 2**32 - 1))
+def test_unpack_restores_the_matrix(x: int, m: int, k: int, block: int, seed: int) -> None:
+    """unpack / unpack_slices invert pack / pack_slices (a conv keeping only packed weights rebuilds its plain ones
+    from them for gated calls)."""
+    a = seeded_array(seed, (x, m, k))
+    np.testing.assert_array_equal(packed_gemm.unpack(packed_gemm.pack(a[0], block)), a[0])
+    with constants_set(packed_gemm, DEPTH=block):
+        np.testing.assert_array_equal(packed_gemm.unpack_slices(packed_gemm.pack_slices(a)), a)
+
+
 @given(k=st.integers(1, 40), c=st.integers(1, 12), taps=st.sampled_from([1, 4, 9]), seed=st.integers(0, 2**32 - 1),
        block=st.sampled_from([5, 192]), data=st.data())
 def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int, block: int,
@@ -187,8 +198,8 @@ def test_conv_packed_gemm_paths_match_reference(threads: int, data: st.DataObjec
 @pytest.mark.parametrize("threads", [1, 2])
 @given(data=st.data())
 def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, data: st.DataObject) -> None:
-    """A dense Winograd conv (both tile sizes) with its transformed weights packed per slice; gated calls keep the
-    BLAS path on the gathered slices and must match too."""
+    """A dense Winograd conv (both tile sizes) with its transformed weights packed per slice; gated calls (rows,
+    input channels, both) keep BLAS on slices gathered from weights rebuilt from the packed ones."""
     case = data.draw(winograd_cases())
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
                       activation=case.activation, context=_context(threads))
@@ -200,9 +211,12 @@ def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, da
     want, scale = expected(case)
     assert_close(y, want, scale)
     n = case.x.shape[0]
-    active_out = data.draw(channel_lists(case.out_shape[0], n))
-    kernel([case.x], [y], active_out=active_out)
-    want, scale = expected(case, active_out=active_out)
+    mode = data.draw(st.sampled_from(["rows", "columns", "both"]))
+    active_out = data.draw(channel_lists(case.out_shape[0], n)) if mode != "columns" else None
+    active_in = data.draw(channel_lists(case.in_shape[0], n)) if mode != "rows" else None
+    x = case.x if active_in is None else zero_inactive(case.x, active_in)
+    kernel([x], [y], active_out=active_out, active_in=active_in)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
     assert_close(y, want, scale)
 
 

@@ -567,7 +567,9 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                                              pack_gathered=packed_gemm.pack_gathered,
                                                              packed_size=packed_gemm.packed_size,
                                                              run=packed_gemm.packed_gemm,
+                                                             unpack=packed_gemm.unpack,
                                                              pack_slices=packed_gemm.pack_slices,
+                                                             unpack_slices=packed_gemm.unpack_slices,
                                                              run_slices=packed_gemm.packed_gemm_slices)
                                       if packed_gemm.available() else None)
 

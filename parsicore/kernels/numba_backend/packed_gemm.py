@@ -286,6 +286,23 @@ def pack(a: np.ndarray, block: int | None = None) -> PackedWeights:
     return PackedWeights(data, m, k, block)
 
 
+def unpack(packed: PackedWeights) -> np.ndarray:
+    """The float32 (M, K) matrix that :func:`pack` packed (packed.data 1-D): the inverse of pack."""
+    m, k, block = packed.rows, packed.depth, packed.block
+    panels = panel_count(m)
+    out = np.empty((panels * _ROWS, k), dtype=np.float32)
+    for k0 in range(0, k, block):
+        k1 = min(k, k0 + block)
+        part = packed.data[k0 * panels * _ROWS:k1 * panels * _ROWS].reshape(panels, k1 - k0, _ROWS)
+        out[:, k0:k1] = part.transpose(0, 2, 1).reshape(panels * _ROWS, k1 - k0)
+    return np.ascontiguousarray(out[:m])
+
+
+def unpack_slices(packed: PackedWeights) -> np.ndarray:
+    """The float32 (X, M, K) stack that :func:`pack_slices` packed: its inverse."""
+    return np.stack([unpack(PackedWeights(row, packed.rows, packed.depth, packed.block)) for row in packed.data])
+
+
 def pack_slices(u: np.ndarray) -> PackedWeights:
     """u: float32 (X, M, K), a stack of weight matrices (Winograd's transformed weights) -> PackedWeights whose
     data is (X, panel_count(M) * K * MR), each row one slice packed as pack() does."""

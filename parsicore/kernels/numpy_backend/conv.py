@@ -288,8 +288,13 @@ class PackedGemm:
     #: (packed, m, b (K, N), out (R, N), bias (R,) | None, act, context, rows (m,) | None): out[rows] = act(A @ b
     #: + bias[rows]).
     run: Callable[..., None]
+    #: (packed) -> the float32 (M, K) matrix again (a conv that keeps only packed weights rebuilds its plain ones
+    #: on its first gated call).
+    unpack: Callable[[Any], np.ndarray]
     #: (u float32 (X, M, K)) -> packed weights of a stack of GEMMs (Winograd's slices), made once at load.
     pack_slices: Callable[[np.ndarray], Any]
+    #: (packed) -> the float32 (X, M, K) stack again.
+    unpack_slices: Callable[[Any], np.ndarray]
     #: (packed, b (X, K, N), out (X, M, N), context, parallel): out[x] = U[x] @ b[x].
     run_slices: Callable[..., None]
 
@@ -379,6 +384,10 @@ class ConvKernel:
         self.gemm_panels = packed_gemm.pack(self.packed_2d) if (
             packed_gemm is not None and self.path in ("im2col_gemm", "gemm_1x1") and geom.groups == 1
             and self.row_blocks is None and packed_gemm.pays(geom.k, geom.c * geom.kh * geom.kw, geom.pixels)) else None
+        if self.gemm_panels is not None:
+            # Only the packed weights are kept (ResNet-18's layer 4: 33 MB less); _taps() rebuilds the plain ones
+            # for gated calls. Every other use of them is on paths a packed conv never takes.
+            del self.packed, self.packed_2d, self.taps
         self.in_shape = (geom.c, geom.h, geom.w)
         if self.path == "winograd_3x3":
             #: Output tile size: F(2x2, 3x3) or F(4x4, 3x3) (winograd.tile_size); slices = (m + 2)^2 GEMMs.
@@ -393,6 +402,8 @@ class ConvKernel:
             self.winograd_packed = packed_gemm.pack_slices(self.winograd_u) if (
                 packed_gemm is not None and packed_gemm.pays(
                     geom.k, geom.c, winograd.tile_columns(self.tiles_h, self.tiles_w))) else None
+            if self.winograd_packed is not None:
+                del self.winograd_u  # kept packed only; _winograd_u() rebuilds it for gated calls
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                  active_out: Sequence[np.ndarray] | None = None,
@@ -543,11 +554,11 @@ class ConvKernel:
         else:
             if packed:
                 assert packed_gemm is not None
-                weight = packed_gemm.pack_gathered(self.taps, rows, chans, w_buf, self.context) if gather_w else (
+                weight = packed_gemm.pack_gathered(self._taps(), rows, chans, w_buf, self.context) if gather_w else (
                     self.gemm_panels)
             elif gather_w:
                 weight = w_buf.reshape(n_rows, n_cols)
-                self.micro.gather_weights(self.taps, rows, chans, weight, self.context)
+                self.micro.gather_weights(self._taps(), rows, chans, weight, self.context)
             else:
                 weight = self.packed_2d
             if compact_in and not build_cols:  # pointwise: the compact planes are the GEMM's operand as they lie
@@ -602,7 +613,7 @@ class ConvKernel:
         compact_in = compact_in and chans is not None
         compact_out = compact_out and rows is not None
         count = winograd.tile_columns(self.tiles_h, self.tiles_w)
-        slices = self.winograd_u.shape[0]
+        slices = (self.winograd_tile + 2) ** 2
         gather = rows is not None or chans is not None
         u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather else 0,
                                                    slices * n_cols * count, slices * n_rows * count)
@@ -614,7 +625,7 @@ class ConvKernel:
         if n_cols == 0:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
-            u = self.winograd_u
+            u = None  # the dense slices (self._winograd_u()) unless gathered below
             if rows is None and chans is not None:
                 # Input channels only: whole rows of U^T (X, C, K), one block copy each (the element gather along
                 # C ran at ~3 GB/s), then the GEMMs on the transposed view (measured ~5 % slower than on a
@@ -624,7 +635,7 @@ class ConvKernel:
                 u = t.transpose(0, 2, 1)
             elif gather:
                 u = u_buf.reshape(slices, n_rows, n_cols)
-                self.micro.winograd_gather(self.winograd_u, rows, chans, u, self.context)
+                self.micro.winograd_gather(self._winograd_u(), rows, chans, u, self.context)
             v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context, parallel)
@@ -632,7 +643,7 @@ class ConvKernel:
                 assert self.micro.packed_gemm is not None
                 self.micro.packed_gemm.run_slices(self.winograd_packed, v, m, self.context, parallel)
             else:  # equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice
-                self._matmul(u, v, m, parallel)
+                self._matmul(self._winograd_u() if u is None else u, v, m, parallel)
         if compact_out:
             self.micro.winograd_output(m, None, None if self.bias is None else self.bias[rows], self.activation,
                                        self.tiles_h, self.tiles_w, y[:n_rows], self.context, parallel)
@@ -640,12 +651,31 @@ class ConvKernel:
             self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y,
                                        self.context, parallel)
 
+    def _taps(self) -> np.ndarray:
+        """The weights as (K, C/groups, kh*kw). A conv that keeps only its packed weights rebuilds them on its first
+        gated call (two threads racing here both build the same array; either one is kept)."""
+        taps = self.__dict__.get("taps")
+        if taps is None:
+            assert self.micro.packed_gemm is not None and self.gemm_panels is not None
+            g = self.geom
+            taps = self.taps = self.micro.packed_gemm.unpack(self.gemm_panels).reshape(g.k, g.cg, g.kh * g.kw)
+        return taps
+
+    def _winograd_u(self) -> np.ndarray:
+        """U: float32 (X, K, C), the transformed weights; rebuilt from the packed slices on the first gated call of
+        a conv that keeps only those (as _taps)."""
+        u = self.__dict__.get("winograd_u")
+        if u is None:
+            assert self.micro.packed_gemm is not None and self.winograd_packed is not None
+            u = self.winograd_u = self.micro.packed_gemm.unpack_slices(self.winograd_packed)
+        return u
+
     def _winograd_u_transposed(self) -> np.ndarray:
         """U^T: float32 (X, C, K), made on the first call gated by input channels only (dense and output-gated
         convs never pay its memory). Two threads racing here both build the same array; either one is kept."""
         transposed = self.__dict__.get("winograd_u_t")
         if transposed is None:
-            transposed = self.winograd_u_t = np.ascontiguousarray(self.winograd_u.transpose(0, 2, 1))
+            transposed = self.winograd_u_t = np.ascontiguousarray(self._winograd_u().transpose(0, 2, 1))
         return transposed
 
     def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, split: bool | None = None) -> None:
