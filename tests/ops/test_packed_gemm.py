@@ -112,6 +112,22 @@ def test_unpack_restores_the_matrix(x: int, m: int, k: int, block: int, seed: in
         np.testing.assert_array_equal(packed_gemm.unpack_slices(packed_gemm.pack_slices(a)), a)
 
 
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 60), block=st.sampled_from([1, 7, 192]),
+       act=activations(), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_packed_gemm_on_selected_steps_matches_reference(m: int, k: int, n: int, block: int, act: Activation | None,
+                                                         seed: int, data: st.DataObject) -> None:
+    """``steps``: A[:, steps] @ b read in place from the dense packed weights (a conv gated by input channels
+    only), whatever K blocks the selected steps fall in (some blocks empty, some whole)."""
+    a = seeded_array(seed, (m, k))
+    steps = np.sort(data.draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=k, unique=True))).astype(np.int64)
+    b = seeded_array(seed + 1, (steps.size, n))
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    packed_gemm.packed_gemm(packed_gemm.pack(a, block), m, b, out, None, act, _context(1), steps=steps)
+    want = (a[:, steps].astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+    apply_activation(want, act)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
+
+
 @given(k=st.integers(1, 40), c=st.integers(1, 12), taps=st.sampled_from([1, 4, 9]), seed=st.integers(0, 2**32 - 1),
        block=st.sampled_from([5, 192]), data=st.data())
 def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int, block: int,
@@ -152,6 +168,9 @@ def test_packed_gemm_rejects_mismatched_operands() -> None:
         packed_gemm.packed_gemm(a, 20, np.ones((7, 5), dtype=np.float32), out, None, None)
     with pytest.raises(ValueError, match="hold 20 rows"):
         packed_gemm.packed_gemm(a, 40, np.ones((8, 5), dtype=np.float32), out, None, None)
+    with pytest.raises(ValueError, match="steps must be"):
+        packed_gemm.packed_gemm(a, 20, np.ones((2, 5), dtype=np.float32), out, None, None,
+                                steps=np.array([3, 3], dtype=np.int64))
     with pytest.raises(ValueError, match="rows must be"):
         packed_gemm.packed_gemm(a, 20, np.ones((8, 5), dtype=np.float32), out, None, None,
                                 rows=np.arange(20, dtype=np.int64) + 1)

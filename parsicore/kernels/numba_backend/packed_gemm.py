@@ -126,8 +126,10 @@ def column_widths(shape: MicroShape) -> tuple[int, ...]:
     return tuple(w for i, w in enumerate(widths) if w <= shape.columns and w not in widths[:i])
 
 
-def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int, ptrs, ldb_v, depth_v, acc_v):
-    """LLVM IR for one MR x ``columns`` tile (see _make_microkernel), at the builder's position."""
+def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int, ptrs, ldb_v, depth_v, acc_v,
+               idx_ptr=None):
+    """LLVM IR for one MR x ``columns`` tile (see _make_microkernel), at the builder's position. ``idx_ptr``: an
+    i64* of weight steps (the indexed microkernel), else the steps are 0, 1, 2, ..."""
     lanes, vectors = shape.lanes, shape.vectors
     rows = shape.rows
     a_ptr, b_ptr, c_ptr = ptrs
@@ -158,14 +160,21 @@ def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int,
         phi = builder.phi(vec)
         phi.add_incoming(value, entry)
         tile.append(phi)
-    a_row = builder.gep(a_ptr, [builder.mul(step, ir.Constant(i64, rows))])
+    if idx_ptr is None:
+        a_row = builder.gep(a_ptr, [builder.mul(step, ir.Constant(i64, rows))])
+    else:
+        a_row = builder.gep(a_ptr, [builder.mul(builder.load(builder.gep(idx_ptr, [step])), ir.Constant(i64, rows))])
     weights = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer()),
                             align=4) for v in range(vectors)]
     if prefetch:
         i8p = ir.IntType(8).as_pointer()
         hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                               "llvm.prefetch.p0i8")
-        ahead = builder.bitcast(builder.gep(a_row, [ir.Constant(i64, prefetch * rows)]), i8p)
+        if idx_ptr is None:
+            ahead = builder.bitcast(builder.gep(a_row, [ir.Constant(i64, prefetch * rows)]), i8p)
+        else:  # the index table has ``prefetch`` entries of slack past its last step
+            later = builder.load(builder.gep(idx_ptr, [builder.add(step, ir.Constant(i64, prefetch))]))
+            ahead = builder.bitcast(builder.gep(a_ptr, [builder.mul(later, ir.Constant(i64, rows))]), i8p)
         builder.call(hint, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
     b_row = builder.gep(b_ptr, [builder.mul(step, ldb_v)])
     updated = []
@@ -185,49 +194,76 @@ def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int,
             builder.store(updated[j * vectors + v], c_slot(j, v), align=4)
 
 
-def _make_microkernel(shape: MicroShape, prefetch: int):
+def _make_microkernel(shape: MicroShape, prefetch: int, indexed: bool = False):
     """An intrinsic ``micro(width, a, a_off, b, b_off, ldb, c, c_off, depth, accumulate)``: the MR x ``width``
     tile at c[c_off:] (``width`` columns of MR floats) = (accumulate ? tile : 0) + sum over ``depth`` (>= 1)
     steps t of a[a_off + t*MR : +MR] (outer) b[b_off + t*ldb : +width]. ``width`` is one of column_widths(shape)
     (another does nothing); a, b, c: float32 1-D C-contiguous arrays; offsets in elements; no bounds checks
     (the caller's loops keep every access inside its array). The packed weights are prefetched ``prefetch``
-    steps ahead."""
+    steps ahead.
+
+    ``indexed``: ``micro(width, a, a_off, idx, idx_off, b, ...)``, step t reading a[a_off + idx[idx_off + t]*MR :
+    +MR] (idx: int64 1-D, ``prefetch`` entries of slack past the last step read): the weight steps of the
+    active input channels, read in place from the dense packed weights."""
     widths = column_widths(shape)
 
+    def body(context, builder, signature, args, a_at, b_at, c_at, idx_ptr):
+        width_v, a_off_v, b_off_v, ldb_v, c_off_v, depth_v, acc_v = (args[i] for i in (0, 2, b_at + 1, b_at + 2,
+                                                                                       c_at + 1, c_at + 2, c_at + 3))
+        ptrs = (builder.gep(context.make_array(signature.args[a_at])(context, builder, args[a_at]).data, [a_off_v]),
+                builder.gep(context.make_array(signature.args[b_at])(context, builder, args[b_at]).data, [b_off_v]),
+                builder.gep(context.make_array(signature.args[c_at])(context, builder, args[c_at]).data, [c_off_v]))
+        merge = builder.append_basic_block("packed_gemm_merge")
+        switch = builder.switch(width_v, merge)
+        for columns in widths:
+            case = builder.append_basic_block(f"packed_gemm_width{columns}")
+            switch.add_case(ir.Constant(ir.IntType(64), columns), case)
+            builder.position_at_end(case)
+            _emit_tile(context, builder, shape, columns, prefetch, ptrs, ldb_v, depth_v, acc_v, idx_ptr)
+            builder.branch(merge)
+        builder.position_at_end(merge)
+        return context.get_dummy_value()
+
+    if not indexed:
+        @intrinsic
+        def micro(typingctx, width, a, a_off, b, b_off, ldb, c, c_off, depth, accumulate):
+            sig = types.void(types.intp, a, types.intp, b, types.intp, types.intp, c, types.intp, types.intp,
+                             types.boolean)
+
+            def codegen(context, builder, signature, args):
+                return body(context, builder, signature, args, 1, 3, 6, None)
+
+            return sig, codegen
+
+        return micro
+
     @intrinsic
-    def micro(typingctx, width, a, a_off, b, b_off, ldb, c, c_off, depth, accumulate):
-        sig = types.void(types.intp, a, types.intp, b, types.intp, types.intp, c, types.intp, types.intp,
-                         types.boolean)
+    def micro_indexed(typingctx, width, a, a_off, idx, idx_off, b, b_off, ldb, c, c_off, depth, accumulate):
+        sig = types.void(types.intp, a, types.intp, idx, types.intp, b, types.intp, types.intp, c, types.intp,
+                         types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
-            width_v, a_arr, a_off_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, depth_v, acc_v = args
-            ptrs = (builder.gep(context.make_array(signature.args[1])(context, builder, a_arr).data, [a_off_v]),
-                    builder.gep(context.make_array(signature.args[3])(context, builder, b_arr).data, [b_off_v]),
-                    builder.gep(context.make_array(signature.args[6])(context, builder, c_arr).data, [c_off_v]))
-            merge = builder.append_basic_block("packed_gemm_merge")
-            switch = builder.switch(width_v, merge)
-            for columns in widths:
-                case = builder.append_basic_block(f"packed_gemm_width{columns}")
-                switch.add_case(ir.Constant(ir.IntType(64), columns), case)
-                builder.position_at_end(case)
-                _emit_tile(context, builder, shape, columns, prefetch, ptrs, ldb_v, depth_v, acc_v)
-                builder.branch(merge)
-            builder.position_at_end(merge)
-            return context.get_dummy_value()
+            idx_ptr = builder.gep(context.make_array(signature.args[3])(context, builder, args[3]).data, [args[4]])
+            return body(context, builder, signature, args, 1, 5, 8, idx_ptr)
 
         return sig, codegen
 
-    return micro
+    return micro_indexed
 
 
 if MICRO is not None:
     _micro = _make_microkernel(MICRO, PREFETCH_STEPS)
+    _micro_indexed = _make_microkernel(MICRO, PREFETCH_STEPS, indexed=True)
     _ROWS = MICRO.rows
     _WIDTHS = np.array(column_widths(MICRO), dtype=np.int64)
 else:  # never called: packed_gemm refuses before reaching a kernel
-    _micro = None
+    _micro = _micro_indexed = None
     _ROWS = 1
     _WIDTHS = np.ones(1, dtype=np.int64)
+
+
+#: The (unused) step table of a call that reads every step.
+_NO_STEPS = np.zeros(1, dtype=np.int64)
 
 
 def available() -> bool:
@@ -398,15 +434,30 @@ def _column_blocks(n, widths):
     return blocks[:count]
 
 
+@jit
+def _dense_starts(depth, block):
+    """The K blocks of a dense call as _gemm_panels takes them: int64 (B + 1,), block b's steps [starts[b],
+    starts[b + 1])."""
+    count = (depth + block - 1) // block
+    starts = np.empty(count + 1, dtype=np.int64)
+    for b in range(count + 1):
+        starts[b] = min(b * block, depth)
+    return starts
+
+
 @jit_inline
-def _gemm_panels(packed, a0, m, block, bf, k, n, blocks, bias, has_bias, code, alpha, beta, lo, hi, dest, p0, p1,
-                 cap, tiles, line, of, o0):
-    """Panels [p0, p1) of one GEMM (see _gemm_kernel): the packed matrix at packed[a0:], b flat (bf, K x N), out
-    flat from of[o0:] (row stride N). ``tiles`` and ``line``: scratch of (p1 - p0) * (cap + NR) * MR and
+def _gemm_panels(packed, a0, m, block, depth, starts, local, indexed, bf, n, blocks, bias, has_bias, code, alpha,
+                 beta, lo, hi, dest, p0, p1, cap, tiles, line, of, o0):
+    """Panels [p0, p1) of one GEMM (see _gemm_kernel): the packed M x ``depth`` matrix at packed[a0:] (K blocks of
+    ``block``), b flat (bf, K' x N), out flat from of[o0:] (row stride N). Block b of the packed weights meets b's
+    rows [starts[b], starts[b + 1]): all its steps in order (dense: K' = depth), or with ``indexed`` the steps
+    local[starts[b]:starts[b + 1]] of it (the active input channels' steps, relative to the block's start; b's
+    rows are those steps' im2col rows). ``tiles`` and ``line``: scratch of (p1 - p0) * (cap + NR) * MR and
     (cap + NR) * MR floats; ``blocks`` from _column_blocks; ``cap``: columns per group of tiles."""
     mr = _ROWS
     panels = (m + mr - 1) // mr
     n_blocks = blocks.shape[0]
+    k_blocks = starts.shape[0] - 1
     g0 = 0
     while g0 < n_blocks:
         c0 = blocks[g0, 0]
@@ -414,13 +465,22 @@ def _gemm_panels(packed, a0, m, block, bf, k, n, blocks, bias, has_bias, code, a
         while g1 < n_blocks and blocks[g1, 0] + blocks[g1, 1] - c0 <= cap:
             g1 += 1
         span = blocks[g1 - 1, 0] + blocks[g1 - 1, 1] - c0
-        for k0 in range(0, k, block):
-            steps = min(block, k - k0)
+        for kb in range(k_blocks):
+            s0 = starts[kb]
+            steps = starts[kb + 1] - s0
+            if steps == 0:
+                continue
+            width = min(block, depth - kb * block)
             for jb in range(g0, g1):
                 j0 = blocks[jb, 0]
                 for p in range(p0, p1):
-                    _micro(blocks[jb, 1], packed, a0 + (k0 * panels + p * steps) * mr, bf, k0 * n + j0, n, tiles,
-                           ((p - p0) * span + j0 - c0) * mr, steps, k0 > 0)
+                    a_off = a0 + (kb * block * panels + p * width) * mr
+                    c_off = ((p - p0) * span + j0 - c0) * mr
+                    if indexed:
+                        _micro_indexed(blocks[jb, 1], packed, a_off, local, s0, bf, s0 * n + j0, n, tiles, c_off, steps,
+                                       s0 > 0)
+                    else:
+                        _micro(blocks[jb, 1], packed, a_off, bf, s0 * n + j0, n, tiles, c_off, steps, s0 > 0)
         for p in range(p0, p1):
             rows = min(mr, m - p * mr)
             base = (p - p0) * span * mr
@@ -438,17 +498,18 @@ def _gemm_panels(packed, a0, m, block, bf, k, n, blocks, bias, has_bias, code, a
 
 
 @serial_and_parallel
-def _gemm_kernel(packed, m, block, b, bias, has_bias, code, alpha, beta, lo, hi, dest, widths, chunks, tile_bytes,
-                 out):
-    """packed: float32 (P*K*MR,) (PackedWeights.data, K blocks of ``block``); b: float32 (K, N) C-contiguous;
-    dest: int64 (m,) rows of out; widths: int64, the microkernel's column widths (column_widths); out: float32
-    (R, N) C-contiguous: out[dest[i]] = act(row i of the packed matrix @ b + bias[dest[i]]), other rows untouched.
+def _gemm_kernel(packed, m, block, depth, starts, local, indexed, b, bias, has_bias, code, alpha, beta, lo, hi, dest,
+                 widths, chunks, tile_bytes, out):
+    """packed: float32 (P*depth*MR,) (PackedWeights.data, K blocks of ``block``); starts, local, indexed: which of
+    its steps meet which rows of b (see _gemm_panels); b: float32 (K', N) C-contiguous; dest: int64 (m,) rows of
+    out; widths: int64, the microkernel's column widths (column_widths); out: float32 (R, N) C-contiguous:
+    out[dest[i]] = act(row i of the packed matrix (its selected steps) @ b + bias[dest[i]]), other rows untouched.
 
     Panels split into ``chunks`` (one per thread); each chunk runs groups of column blocks (whose tiles fit in
     ``tile_bytes``), then K blocks, then column blocks, then its panels, and finishes each group's tiles through
     the epilogue. The microkernels read b in place (row stride N). (Copying b into contiguous column blocks
     first made every measured shape slower: 1.02-1.8x.)"""
-    k, n = b.shape
+    n = b.shape[1]
     mr = _ROWS
     panels = (m + mr - 1) // mr
     blocks = _column_blocks(n, widths)
@@ -459,8 +520,8 @@ def _gemm_kernel(packed, m, block, b, bias, has_bias, code, alpha, beta, lo, hi,
         cap = max(widths[0], tile_bytes // (4 * mr * max(1, p1 - p0)))
         tiles = np.empty((p1 - p0) * min(cap + widths[0], n) * mr, dtype=np.float32)
         line = np.empty(min(cap + widths[0], n) * mr, dtype=np.float32)
-        _gemm_panels(packed, 0, m, block, bf, k, n, blocks, bias, has_bias, code, alpha, beta, lo, hi, dest, p0, p1,
-                     cap, tiles, line, of, 0)
+        _gemm_panels(packed, 0, m, block, depth, starts, local, indexed, bf, n, blocks, bias, has_bias, code, alpha,
+                     beta, lo, hi, dest, p0, p1, cap, tiles, line, of, 0)
 
 
 @serial_and_parallel
@@ -472,6 +533,8 @@ def _gemm_slices_kernel(packed, m, block, b, dest, widths, tile_bytes, out):
     mr = _ROWS
     panels = (m + mr - 1) // mr
     blocks = _column_blocks(n, widths)
+    starts = _dense_starts(k, block)
+    local = np.zeros(1, dtype=np.int64)
     cap = max(widths[0], tile_bytes // (4 * mr * panels))
     size = panels * k * mr
     pf = packed.reshape(-1)
@@ -480,16 +543,30 @@ def _gemm_slices_kernel(packed, m, block, b, dest, widths, tile_bytes, out):
     for x in numba.prange(slices):
         tiles = np.empty(panels * min(cap + widths[0], n) * mr, dtype=np.float32)
         line = np.empty(min(cap + widths[0], n) * mr, dtype=np.float32)
-        _gemm_panels(pf, x * size, m, block, b[x].reshape(-1), k, n, blocks, bias, False, 0, np.float32(0.0),
-                     np.float32(0.0), np.float32(0.0), np.float32(0.0), dest, 0, panels, cap, tiles, line, of,
-                     x * m * n)
+        _gemm_panels(pf, x * size, m, block, k, starts, local, False, b[x].reshape(-1), n, blocks, bias, False, 0,
+                     np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0), dest, 0, panels, cap, tiles,
+                     line, of, x * m * n)
+
+
+def step_selection(packed: PackedWeights, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, local) for :func:`packed_gemm` to read only ``steps`` (sorted distinct int64 step indices of the
+    packed matrix, e.g. the active input channels' c*T + t) in place: starts int64 (blocks + 1,), local int64
+    (S + PREFETCH_STEPS,), the steps relative to their K block's start, padded for the microkernel's prefetch."""
+    blocks = -(-packed.depth // packed.block)
+    starts = np.searchsorted(steps, np.arange(blocks + 1, dtype=np.int64) * packed.block).astype(np.int64)
+    local = np.empty(steps.size + PREFETCH_STEPS, dtype=np.int64)
+    local[:steps.size] = steps % packed.block
+    local[steps.size:] = local[steps.size - 1] if steps.size else 0
+    return starts, local
 
 
 def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, bias: np.ndarray | None,
                 act: Activation | None, context: KernelContext | None = None, rows: np.ndarray | None = None,
-                parallel_macs: int = 1 << 25) -> None:
+                parallel_macs: int = 1 << 25, steps: np.ndarray | None = None) -> None:
     """out[rows] = act(A @ b + bias[rows, None]) for A the ``m`` x K matrix of ``packed`` (pack or
-    pack_gathered); the other rows of out are not written.
+    pack_gathered); the other rows of out are not written. ``steps``: int64 (S,) sorted distinct columns of A
+    to use (A[:, steps] @ b, read in place from the packed weights: the active input channels' c*T + t), b then
+    (S, N).
 
     b: float32 (K, N) C-contiguous; out: float32 (R, N) C-contiguous; rows: int64 (m,) distinct rows of out
     (None: 0..m-1); bias: float32 (R,) or None. Split over the run's threads by panels when it has
@@ -497,7 +574,13 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     """
     if MICRO is None:
         raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
-    k = packed.depth
+    if steps is None:
+        k = packed.depth
+    else:
+        k = steps.shape[0]
+        if steps.ndim != 1 or steps.dtype != np.int64 or not k or steps[0] < 0 or steps[-1] >= packed.depth or (
+                k > 1 and (np.diff(steps) <= 0).any()):
+            raise ValueError(f"steps must be sorted distinct int64 within 0..{packed.depth - 1}")
     if m != packed.rows or m <= 0:
         raise ValueError(f"packed weights hold {packed.rows} rows, not {m}")
     if b.ndim != 2 or b.shape[0] != k or not b.flags.c_contiguous or b.dtype != np.float32:
@@ -519,9 +602,13 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     parallel = threads != 1 and macs >= parallel_macs
     panels = panel_count(m)
     chunks = min(panels, numba.config.NUMBA_NUM_THREADS if threads is None else threads) if parallel else 1
-    _gemm_kernel(threads, macs if parallel else 0, packed.data, m, packed.block, b,
-                 bias if has_bias else zeros(out.shape[0]), has_bias, code, alpha, beta, lo, hi, rows, _WIDTHS, chunks,
-                 TILE_BYTES, out)
+    if steps is None:
+        starts, local, indexed = _dense_starts(packed.depth, packed.block), _NO_STEPS, False
+    else:
+        (starts, local), indexed = step_selection(packed, steps), True
+    _gemm_kernel(threads, macs if parallel else 0, packed.data, m, packed.block, packed.depth, starts, local, indexed,
+                 b, bias if has_bias else zeros(out.shape[0]), has_bias, code, alpha, beta, lo, hi, rows, _WIDTHS,
+                 chunks, TILE_BYTES, out)
 
 
 def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, context: KernelContext | None = None,

@@ -285,8 +285,8 @@ class PackedGemm:
     pack_gathered: Callable[..., Any]
     #: (rows, depth) -> scratch elements pack_gathered needs.
     packed_size: Callable[[int, int], int]
-    #: (packed, m, b (K, N), out (R, N), bias (R,) | None, act, context, rows (m,) | None): out[rows] = act(A @ b
-    #: + bias[rows]).
+    #: (packed, m, b (K, N), out (R, N), bias (R,) | None, act, context, rows (m,) | None, steps=(S,) | None):
+    #: out[rows] = act(A @ b + bias[rows]), with ``steps`` A[:, steps] read in place (b then (S, N)).
     run: Callable[..., None]
     #: (packed) -> the float32 (M, K) matrix again (a conv that keeps only packed weights rebuilds its plain ones
     #: on its first gated call).
@@ -537,9 +537,11 @@ class ConvKernel:
         # only in convs whose dense GEMM takes it (decided at load), and then where the gated shape still pays.
         packed = self.gemm_panels is not None and n_cols > 0 and (
             not gather_w or (packed_gemm is not None and packed_gemm.pays(n_rows, n_cols, g.pixels)))
+        # Input channels only: the packed GEMM reads the active channels' steps in place (no weight gather).
+        in_place = packed and rows is None and chans is not None
         if packed:
             assert packed_gemm is not None
-            w_size = packed_gemm.packed_size(n_rows, n_cols) if gather_w else 0
+            w_size = packed_gemm.packed_size(n_rows, n_cols) if gather_w and not in_place else 0
         else:
             w_size = n_rows * n_cols if gather_w else 0
         w_buf, col_buf, val_buf = self.context.scratch(
@@ -552,7 +554,12 @@ class ConvKernel:
         if n_cols == 0:
             values.fill(0.0)  # every input channel is off: the conv is its bias
         else:
-            if packed:
+            steps = None
+            if in_place:
+                assert chans is not None
+                weight = self.gemm_panels
+                steps = (chans[:, None] * taps + np.arange(taps)).reshape(-1)
+            elif packed:
                 assert packed_gemm is not None
                 weight = packed_gemm.pack_gathered(self._taps(), rows, chans, w_buf, self.context) if gather_w else (
                     self.gemm_panels)
@@ -583,7 +590,7 @@ class ConvKernel:
                     inactive = np.ones(g.k, dtype=bool)
                     inactive[rows] = False
                     y[inactive] = 0.0
-                packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows)
+                packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows, steps=steps)
                 return
             self._matmul(weight, b, values)
         if rows is None:
