@@ -62,11 +62,11 @@ def micro_shape(features: dict[str, bool], machine: str) -> MicroShape | None:
     where there is no vector FMA to build it on (BLAS stays the only GEMM).
 
     - AVX-512 (32 registers of 16 floats): 16 x 25, 25 accumulators + 1 weight vector + 1 broadcast.
-      Measured on ResNet-18's 512x4608x49 GEMM (1 thread): 16 x 25 1.25-1.34 ms, 16 x 28 1.39-1.52, 32 x 14
-      1.51-1.62, 32 x 7 1.91, 64 x 6 2.37; OpenBLAS 1.9-2.1.
+      On ResNet-18's 512x4608x49 GEMM (1 thread, a one-off sweep on a prototype): 16 x 25 1.25-1.34 ms,
+      16 x 28 1.39-1.52, 32 x 14 1.51-1.62, 32 x 7 1.91, 64 x 6 2.37; OpenBLAS 1.9-2.1.
     - AVX2 + FMA (16 registers of 8 floats): 16 x 6, 12 accumulators (the shape of OpenBLAS's Haswell sgemm).
     - AArch64 NEON (32 registers of 4 floats): 8 x 12, 24 accumulators (the shape of the ARMv8 sgemm kernels
-      of OpenBLAS and ncnn). Not timed on a board yet: see :data:`ENABLED_BY_DEFAULT`.
+      of OpenBLAS and ncnn). Not timed on a board yet: see :data:`ENABLED`.
     """
     if features.get("avx512f"):
         return MicroShape(16, 1, 25)
