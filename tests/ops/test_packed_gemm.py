@@ -53,6 +53,19 @@ def test_micro_shape_per_cpu() -> None:
     assert packed_gemm.MICRO.rows == packed_gemm.MICRO.lanes * packed_gemm.MICRO.vectors
 
 
+def test_target_features_follow_numba_cpu_name() -> None:
+    """The tile follows the CPU Numba compiles for: the host's features, or with NUMBA_CPU_NAME naming another CPU
+    only those NUMBA_CPU_FEATURES lists (none: no x86 tile, BLAS only)."""
+    host = {"avx512f": True, "avx2": True, "fma": True}
+    assert packed_gemm.target_features(None, None, host) == host
+    assert packed_gemm.target_features("host", None, host) == host
+    assert packed_gemm.target_features("haswell", None, host) == {}
+    assert packed_gemm.target_features("haswell", "+avx2,+fma,-avx512f", host) == {
+        "avx2": True, "fma": True, "avx512f": False}
+    assert packed_gemm.micro_shape(packed_gemm.target_features("generic", None, host), "x86_64") is None
+    assert packed_gemm.micro_shape(packed_gemm.target_features("cortex-a72", None, {}), "aarch64") == (4, 2, 12)
+
+
 @given(m=st.integers(1, 70), k=st.integers(1, 450), n=st.integers(1, 90), has_bias=st.booleans(),
        act=activations(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1),
        depth=st.sampled_from([None, 1, 7]), data=st.data())

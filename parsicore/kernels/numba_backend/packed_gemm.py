@@ -77,8 +77,21 @@ def micro_shape(features: dict[str, bool], machine: str) -> MicroShape | None:
     return None
 
 
+def target_features(cpu_name: str | None, cpu_features: str | None, host: dict[str, bool]) -> dict[str, bool]:
+    """The CPU features Numba compiles for (``cpu_name``/``cpu_features``: NUMBA_CPU_NAME/NUMBA_CPU_FEATURES as
+    numba.config holds them; ``host``: LLVM's host features). The host's unless NUMBA_CPU_NAME names another CPU
+    (a cache portable to older machines); then only the features NUMBA_CPU_FEATURES spells out ("+avx2,+fma"),
+    since a named CPU's own are not known here: a tile for vectors the target lacks would still be correct,
+    but spill."""
+    if cpu_name is None or cpu_name == "host":
+        return dict(host)
+    flags = [f.strip() for f in (cpu_features or "").split(",")]
+    return {f[1:]: f[0] == "+" for f in flags if len(f) > 1 and f[0] in "+-"}
+
+
 #: This machine's tile (None: no packed GEMM here). Fixed at import, like every constant the kernels compile in.
-MICRO = micro_shape(dict(llvm.get_host_cpu_features()), platform.machine())
+MICRO = micro_shape(target_features(numba.config.CPU_NAME, numba.config.CPU_FEATURES,
+                                    dict(llvm.get_host_cpu_features())), platform.machine())
 
 #: Whether convs take the packed GEMM at all: only on the vector width where it was measured faster than BLAS
 #: (AVX-512). Elsewhere it is built and tested (the tests turn it on) but BLAS stays the GEMM until a board
