@@ -28,6 +28,7 @@ Figures: ``python scripts/bench_kernels.py --only packed_gemm`` (1 thread, again
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -183,7 +184,7 @@ def _emit_tile(context, builder, shape: MicroShape, columns: int, prefetch: int,
         i8p = ir.IntType(8).as_pointer()
         hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                               "llvm.prefetch.p0i8")
-        if idx_ptr is None:
+        if idx_ptr is None:  # past the last step it prefetches beyond the array: a hint, it never faults
             ahead = builder.bitcast(builder.gep(a_row, [ir.Constant(i64, prefetch * rows)]), i8p)
         else:  # the index table has ``prefetch`` entries of slack past its last step
             later = builder.load(builder.gep(idx_ptr, [builder.add(step, ir.Constant(i64, prefetch))]))
@@ -284,6 +285,11 @@ def available() -> bool:
     return MICRO is not None
 
 
+def _require_micro() -> None:
+    if MICRO is None:
+        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+
+
 def pays(rows: int, depth: int, columns: int) -> bool:
     """Whether an M x K by K x N GEMM (``rows``, ``depth``, ``columns``) takes the packed GEMM here."""
     return ENABLED and depth >= MIN_DEPTH and rows * depth >= MIN_WEIGHTS and (
@@ -320,8 +326,7 @@ class PackedWeights:
 
 def pack(a: np.ndarray, block: int | None = None) -> PackedWeights:
     """a: float32 (M, K) -> its PackedWeights (K blocks of ``block`` steps, default DEPTH)."""
-    if MICRO is None:
-        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    _require_micro()
     block = DEPTH if block is None else block
     m, k = a.shape
     panels = panel_count(m)
@@ -403,8 +408,7 @@ def pack_gathered(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarra
     (R,) or None (all K); channels: int64 (S,) or None (all C); out: float32 flat scratch of at least
     packed_size(R, S*T) elements, which the result's data is a view of. Equal to pack(taps[rows][:, channels]
     flattened to (R, S*T))."""
-    if MICRO is None:
-        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    _require_micro()
     k, c, n_taps = taps.shape
     rows = all_indices(k) if rows is None else np.asarray(rows, dtype=np.int64)
     channels = all_indices(c) if channels is None else np.asarray(channels, dtype=np.int64)
@@ -447,15 +451,11 @@ def _column_blocks(n, widths):
     return blocks[:count]
 
 
-@jit
-def _dense_starts(depth, block):
-    """The K blocks of a dense call as _gemm_panels takes them: int64 (B + 1,), block b's steps [starts[b],
-    starts[b + 1])."""
-    count = (depth + block - 1) // block
-    starts = np.empty(count + 1, dtype=np.int64)
-    for b in range(count + 1):
-        starts[b] = min(b * block, depth)
-    return starts
+@functools.lru_cache(maxsize=256)
+def _dense_starts(depth: int, block: int) -> np.ndarray:
+    """The K blocks of a call reading every step, as _gemm_panels takes them: int64 (B + 1,), block b's steps
+    [starts[b], starts[b + 1]). Cached and shared (like all_indices): never modified."""
+    return np.minimum(np.arange(-(-depth // block) + 1, dtype=np.int64) * block, depth)
 
 
 @jit_inline
@@ -538,16 +538,14 @@ def _gemm_kernel(packed, m, block, depth, starts, local, indexed, b, bias, has_b
 
 
 @serial_and_parallel
-def _gemm_slices_kernel(packed, m, block, b, dest, widths, tile_bytes, out):
-    """A stack of GEMMs (Winograd's slices): packed: float32 (X, P*K*MR) (pack_slices); b: float32 (X, K, N);
-    out: float32 (X, m, N), all C-contiguous: out[x] = slice x of the packed weights @ b[x] (no epilogue).
-    Slices split over the threads."""
+def _gemm_slices_kernel(packed, m, block, starts, local, b, dest, widths, tile_bytes, out):
+    """A stack of GEMMs (Winograd's slices): packed: float32 (X, P*K*MR) (pack_slices); starts, local: every step
+    (_dense_starts, an unused step table); b: float32 (X, K, N); out: float32 (X, m, N), all C-contiguous: out[x]
+    = slice x of the packed weights @ b[x] (no epilogue). Slices split over the threads."""
     slices, k, n = b.shape
     mr = _ROWS
     panels = (m + mr - 1) // mr
     blocks = _column_blocks(n, widths)
-    starts = _dense_starts(k, block)
-    local = np.zeros(1, dtype=np.int64)
     cap = max(widths[0], tile_bytes // (4 * mr * panels))
     size = panels * k * mr
     pf = packed.reshape(-1)
@@ -585,8 +583,7 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     (None: 0..m-1); bias: float32 (R,) or None. Split over the run's threads by panels when it has
     ``parallel_macs`` MACs or more.
     """
-    if MICRO is None:
-        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    _require_micro()
     if steps is None:
         k = packed.depth
     else:
@@ -629,8 +626,7 @@ def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, co
     """out[x] = U[x] @ b[x] for the X slices packed by :func:`pack_slices`: b float32 (X, K, N), out float32 (X, M,
     N), C-contiguous. Slices split over the run's threads when ``parallel`` is True, or is None and the stack has
     ``parallel_macs`` MACs or more."""
-    if MICRO is None:
-        raise RuntimeError("no packed GEMM on this machine (packed_gemm.available() is False)")
+    _require_micro()
     m, k = packed.rows, packed.depth
     slices = packed.data.shape[0]
     if packed.data.ndim != 2 or b.shape[:2] != (slices, k) or not b.flags.c_contiguous or b.dtype != np.float32:
@@ -640,5 +636,5 @@ def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, co
     threads = None if context is None else context.threads
     macs = out.size * k
     run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
-    _gemm_slices_kernel(threads, macs if run_parallel else 0, packed.data, m, packed.block, b, all_indices(m), _WIDTHS,
-                        TILE_BYTES, out)
+    _gemm_slices_kernel(threads, macs if run_parallel else 0, packed.data, m, packed.block,
+                        _dense_starts(k, packed.block), _NO_STEPS, b, all_indices(m), _WIDTHS, TILE_BYTES, out)

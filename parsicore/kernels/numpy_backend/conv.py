@@ -457,8 +457,7 @@ class ConvKernel:
                 self._blocked_image(x[i], y[i].reshape(g.k, g.pixels))
             return
         if self.gemm_panels is not None:
-            packed_gemm = self.micro.packed_gemm
-            assert packed_gemm is not None
+            packed_gemm = self._packed_gemm()
             (flat,) = self.context.scratch(0 if g.is_pointwise else g.c * g.kh * g.kw * g.pixels)
             for i in range(n):
                 if g.is_pointwise:
@@ -532,16 +531,14 @@ class ConvKernel:
         compact_out = compact_out and rows is not None
         gather_w = rows is not None or chans is not None
         build_cols = not g.is_pointwise or (chans is not None and not compact_in)
-        packed_gemm = self.micro.packed_gemm
         # The backend's own GEMM, on the packed weights of all rows and columns or on the active ones gathered:
         # only in convs whose dense GEMM takes it (decided at load), and then where the gated shape still pays.
         packed = self.gemm_panels is not None and n_cols > 0 and (
-            not gather_w or (packed_gemm is not None and packed_gemm.pays(n_rows, n_cols, g.pixels)))
+            not gather_w or self._packed_gemm().pays(n_rows, n_cols, g.pixels))
         # Input channels only: the packed GEMM reads the active channels' steps in place (no weight gather).
         in_place = packed and rows is None and chans is not None
         if packed:
-            assert packed_gemm is not None
-            w_size = packed_gemm.packed_size(n_rows, n_cols) if gather_w and not in_place else 0
+            w_size = self._packed_gemm().packed_size(n_rows, n_cols) if gather_w and not in_place else 0
         else:
             w_size = n_rows * n_cols if gather_w else 0
         w_buf, col_buf, val_buf = self.context.scratch(
@@ -560,9 +557,8 @@ class ConvKernel:
                 weight = self.gemm_panels
                 steps = (chans[:, None] * taps + np.arange(taps)).reshape(-1)
             elif packed:
-                assert packed_gemm is not None
-                weight = packed_gemm.pack_gathered(self._taps(), rows, chans, w_buf, self.context) if gather_w else (
-                    self.gemm_panels)
+                weight = self._packed_gemm().pack_gathered(self._taps(), rows, chans, w_buf, self.context) if (
+                    gather_w) else self.gemm_panels
             elif gather_w:
                 weight = w_buf.reshape(n_rows, n_cols)
                 self.micro.gather_weights(self._taps(), rows, chans, weight, self.context)
@@ -580,7 +576,7 @@ class ConvKernel:
                 b = col_buf.reshape(n_cols, g.pixels)
                 self.micro.im2col(x, all_indices(chans.size) if compact_in else chans, g, b, self.context)
             if packed:  # the epilogue is fused: bias + activation into the active rows, the others 0
-                assert packed_gemm is not None
+                packed_gemm = self._packed_gemm()
                 b = np.ascontiguousarray(b)
                 if compact_out:
                     packed_gemm.run(weight, n_rows, b, values, None if self.bias is None else self.bias[rows],
@@ -647,8 +643,7 @@ class ConvKernel:
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context, parallel)
             if not gather and self.winograd_packed is not None:
-                assert self.micro.packed_gemm is not None
-                self.micro.packed_gemm.run_slices(self.winograd_packed, v, m, self.context, parallel)
+                self._packed_gemm().run_slices(self.winograd_packed, v, m, self.context, parallel)
             else:  # equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice
                 self._matmul(self._winograd_u() if u is None else u, v, m, parallel)
         if compact_out:
@@ -658,32 +653,35 @@ class ConvKernel:
             self.micro.winograd_output(m, rows, self.bias, self.activation, self.tiles_h, self.tiles_w, y,
                                        self.context, parallel)
 
+    def _kept(self, name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+        """Attribute ``name``, built by ``build`` on first use (two threads racing here both build the same array;
+        either one is kept)."""
+        value = self.__dict__.get(name)
+        if value is None:
+            value = build()
+            setattr(self, name, value)
+        return value
+
     def _taps(self) -> np.ndarray:
         """The weights as (K, C/groups, kh*kw). A conv that keeps only its packed weights rebuilds them on its first
-        gated call (two threads racing here both build the same array; either one is kept)."""
-        taps = self.__dict__.get("taps")
-        if taps is None:
-            assert self.micro.packed_gemm is not None and self.gemm_panels is not None
-            g = self.geom
-            taps = self.taps = self.micro.packed_gemm.unpack(self.gemm_panels).reshape(g.k, g.cg, g.kh * g.kw)
-        return taps
+        gated call."""
+        g = self.geom
+        return self._kept("taps", lambda: self._packed_gemm().unpack(self.gemm_panels).reshape(g.k, g.cg, g.kh * g.kw))
 
     def _winograd_u(self) -> np.ndarray:
         """U: float32 (X, K, C), the transformed weights; rebuilt from the packed slices on the first gated call of
-        a conv that keeps only those (as _taps)."""
-        u = self.__dict__.get("winograd_u")
-        if u is None:
-            assert self.micro.packed_gemm is not None and self.winograd_packed is not None
-            u = self.winograd_u = self.micro.packed_gemm.unpack_slices(self.winograd_packed)
-        return u
+        a conv that keeps only those."""
+        return self._kept("winograd_u", lambda: self._packed_gemm().unpack_slices(self.winograd_packed))
 
     def _winograd_u_transposed(self) -> np.ndarray:
         """U^T: float32 (X, C, K), made on the first call gated by input channels only (dense and output-gated
-        convs never pay its memory). Two threads racing here both build the same array; either one is kept."""
-        transposed = self.__dict__.get("winograd_u_t")
-        if transposed is None:
-            transposed = self.winograd_u_t = np.ascontiguousarray(self._winograd_u().transpose(0, 2, 1))
-        return transposed
+        convs never pay its memory)."""
+        return self._kept("winograd_u_t", lambda: np.ascontiguousarray(self._winograd_u().transpose(0, 2, 1)))
+
+    def _packed_gemm(self) -> PackedGemm:
+        packed_gemm = self.micro.packed_gemm
+        assert packed_gemm is not None, "only convs with packed weights get here"
+        return packed_gemm
 
     def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, split: bool | None = None) -> None:
         """out = a @ b (2-D, or a stack of 16 or 36 Winograd slices), split over the run's threads when large: by
