@@ -141,6 +141,31 @@ def test_packed_gemm_on_selected_steps_matches_reference(m: int, k: int, n: int,
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
 
 
+@given(panels=st.integers(1, 3), k=st.integers(1, 400), block=st.sampled_from([1, 7, 40, 192]), data=st.data())
+def test_step_selection_prefetches_what_is_read_next(panels: int, k: int, block: int, data: st.DataObject) -> None:
+    """Each selected step's prefetch target is the weight step the GEMM reads PREFETCH_STEPS reads later: within
+    a K block, panel after panel, each panel's selected steps in order (targets relative to the first panel's
+    block start; a K block's panels lie one after another, one block width apart)."""
+    m = (panels - 1) * packed_gemm.MICRO.rows + 1
+    steps = np.sort(data.draw(st.lists(st.integers(0, k - 1), min_size=(k + 1) // 2, max_size=k,
+                                       unique=True))).astype(np.int64)
+    packed = packed_gemm.pack(seeded_array(0, (m, k)), block)
+    starts, local = packed_gemm.step_selection(packed, steps)
+    panels = packed_gemm.panel_count(m)
+    ahead = packed_gemm.PREFETCH_STEPS
+    for b0 in range(0, k, block):
+        width = min(block, k - b0)
+        chosen = [int(t) - b0 for t in steps if b0 <= t < b0 + width]
+        b = b0 // block
+        assert starts[b + 1] - starts[b] == len(chosen)
+        reads = [p * width + t for p in range(panels) for t in chosen]  # the block's reads, in order
+        for i, t in enumerate(chosen):
+            at = 2 * (starts[b] + i)
+            assert local[at] == t
+            if i + ahead < len(reads):
+                assert local[at + 1] == reads[i + ahead]
+
+
 @given(k=st.integers(1, 40), c=st.integers(1, 12), taps=st.sampled_from([1, 4, 9]), seed=st.integers(0, 2**32 - 1),
        block=st.sampled_from([5, 192]), data=st.data())
 def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int, block: int,
@@ -230,8 +255,9 @@ def test_conv_packed_gemm_paths_match_reference(threads: int, data: st.DataObjec
 @pytest.mark.parametrize("threads", [1, 2])
 @given(data=st.data())
 def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, data: st.DataObject) -> None:
-    """A dense Winograd conv (both tile sizes) with its transformed weights packed per slice; gated calls (rows,
-    input channels, both) keep BLAS on slices gathered from weights rebuilt from the packed ones."""
+    """A dense Winograd conv (both tile sizes) with its transformed weights packed per slice; gated calls by input
+    channels only read the active channels' steps of the packed slices in place, by rows or both keep BLAS on
+    slices gathered from weights rebuilt from the packed ones."""
     case = data.draw(winograd_cases())
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
                       activation=case.activation, context=_context(threads))

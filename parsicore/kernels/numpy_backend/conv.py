@@ -295,7 +295,8 @@ class PackedGemm:
     pack_slices: Callable[[np.ndarray], Any]
     #: (packed) -> the float32 (X, M, K) stack again.
     unpack_slices: Callable[[Any], np.ndarray]
-    #: (packed, b (X, K, N), out (X, M, N), context, parallel): out[x] = U[x] @ b[x].
+    #: (packed, b (X, K, N), out (X, M, N), context, parallel, steps=(S,) | None): out[x] = U[x] @ b[x], with
+    #: ``steps`` U[x][:, steps] read in place (b then (X, S, N)).
     run_slices: Callable[..., None]
 
 
@@ -618,7 +619,9 @@ class ConvKernel:
         count = winograd.tile_columns(self.tiles_h, self.tiles_w)
         slices = (self.winograd_tile + 2) ** 2
         gather = rows is not None or chans is not None
-        u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather else 0,
+        # Input channels only, on packed slices: the packed GEMM reads the active channels' steps in place.
+        in_place = rows is None and chans is not None and self.winograd_packed is not None
+        u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather and not in_place else 0,
                                                    slices * n_cols * count, slices * n_rows * count)
         m = m_buf.reshape(slices, n_rows, count)
         threads = self.context.threads
@@ -629,20 +632,23 @@ class ConvKernel:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
             u = None  # the dense slices (self._winograd_u()) unless gathered below
-            if rows is None and chans is not None:
+            gathered = gather and not in_place
+            if gathered and rows is None:
                 # Input channels only: whole rows of U^T (X, C, K), one block copy each (the element gather along
                 # C ran at ~3 GB/s), then the GEMMs on the transposed view (measured ~5 % slower than on a
                 # C-ordered (K, S) slice; the gather saved ~0.5 ms at 256 channels of 14x14).
                 t = u_buf.reshape(slices, n_cols, n_rows)
                 self.micro.gather_rows(self._winograd_u_transposed(), chans, t, self.context)
                 u = t.transpose(0, 2, 1)
-            elif gather:
+            elif gathered:
                 u = u_buf.reshape(slices, n_rows, n_cols)
                 self.micro.winograd_gather(self._winograd_u(), rows, chans, u, self.context)
             v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context, parallel)
-            if not gather and self.winograd_packed is not None:
+            if in_place:
+                self._packed_gemm().run_slices(self.winograd_packed, v, m, self.context, parallel, steps=chans)
+            elif not gather and self.winograd_packed is not None:
                 self._packed_gemm().run_slices(self.winograd_packed, v, m, self.context, parallel)
             else:  # equal (not broadcast) batch dimensions: NumPy runs BLAS on each slice
                 self._matmul(self._winograd_u() if u is None else u, v, m, parallel)
