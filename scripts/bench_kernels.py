@@ -10,8 +10,9 @@ models: the choice winograd.MIN_TILES makes), F(2x2) vs F(4x4) Winograd on the s
 a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), a 1x1 conv with 3/4 of its
 inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's packed GEMM against OpenBLAS
 (dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
-cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm). Every variant's output is checked
-against the first's. The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
+cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
+rows gathered against row_gemm reading them in place. Every variant's output is checked against the first's.
+The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from parsicore.builder import ModelBuilder  # noqa: E402
 from parsicore.kernels.base import KernelContext, KernelSpec  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
-from parsicore.kernels.numba_backend import packed_gemm  # noqa: E402
+from parsicore.kernels.numba_backend import packed_gemm, row_gemm  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
+from parsicore.kernels.numba_backend import winograd as numba_winograd  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
 from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
 from parsicore.kernels.numpy_backend import winograd  # noqa: E402
@@ -292,6 +294,56 @@ def packed_gemms(rng: np.random.Generator, rounds: int) -> None:
             "gather + OpenBLAS", "gather-pack + packed", alternate(blas_gated, own_gated, rounds))
 
 
+def row_gemms(rng: np.random.Generator, rounds: int) -> None:
+    """Row-gated GEMMs, half the rows on, weights cycled through sets that fill 64 MB (as in a model, whose weights
+    are not in cache when their conv runs): the active rows gathered (packed panels + packed_gemm for a conv's
+    GEMM, gather_transformed + OpenBLAS for Winograd slices) against row_gemm reading them in place."""
+    if not row_gemm.ENABLED:
+        print("| row GEMM | not built on this machine (needs the 16-lane packed GEMM tile) | | |")
+        return
+    context = KernelContext()
+    context.threads = 1
+    for x, m, k, n in [(None, 512, 4608, 49), (None, 512, 2304, 49), (16, 256, 256, 49), (36, 128, 128, 49),
+                       (16, 64, 32, 49), (36, 64, 64, 196)]:
+        lead = () if x is None else (x,)
+        sets = max(2, -(-(64 << 20) // (4 * m * k * (x or 1))))
+        ws = [rng.standard_normal((*lead, m, k), dtype=np.float32) for _ in range(sets)]
+        rows = np.sort(rng.permutation(m)[:m // 2]).astype(np.int64)
+        b = rng.standard_normal((*lead, k, n), dtype=np.float32)
+        o1, o2 = np.empty((*lead, rows.size, n), np.float32), np.empty((*lead, rows.size, n), np.float32)
+        dest = np.arange(rows.size, dtype=np.int64)
+        turn = [0, 0]
+        if x is None:
+            scratch = np.empty(packed_gemm.packed_size(rows.size, k), np.float32)
+
+            def gathered(ws=ws, rows=rows, b=b, o1=o1, scratch=scratch, turn=turn) -> None:
+                turn[0] = (turn[0] + 1) % len(ws)
+                w = ws[turn[0]]
+                weights = packed_gemm.pack_gathered(w.reshape(*w.shape, 1), rows, None, scratch, context)
+                packed_gemm.packed_gemm(weights, rows.size, b, o1, None, None, context)
+            what = f"row-gated GEMM {rows.size} of {m} rows x {k} by {n}"
+            a_name = "gather-pack + packed"
+        else:
+            u = np.empty((x, rows.size, k), np.float32)
+
+            def gathered(ws=ws, rows=rows, b=b, o1=o1, u=u, turn=turn) -> None:
+                turn[0] = (turn[0] + 1) % len(ws)
+                numba_winograd.gather_transformed(ws[turn[0]], rows, None, u, context)
+                np.matmul(u, b, out=o1)
+            what = f"row-gated slices {x} x {rows.size} of {m} rows x {k} by {n}"
+            a_name = "gather + OpenBLAS"
+
+        def in_place(ws=ws, rows=rows, b=b, o2=o2, dest=dest, turn=turn) -> None:
+            turn[1] = (turn[1] + 1) % len(ws)
+            row_gemm.row_gemm(ws[turn[1]], rows, b, o2, None, None, context, dest=dest)
+
+        turn[:] = [len(ws) - 1, len(ws) - 1]  # both start on set 0: the outputs compare
+        gathered()
+        in_place()
+        np.testing.assert_allclose(o2, o1, rtol=1e-3, atol=1e-3 * float(np.abs(o1).max()))
+        row(f"{what} ({sets} weight sets in turn)", a_name, "row GEMM", alternate(gathered, in_place, rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -311,7 +363,7 @@ def main() -> None:
 
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
-         "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms}
+         "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms}
 
 
 if __name__ == "__main__":

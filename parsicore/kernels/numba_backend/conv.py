@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
-from parsicore.kernels.numba_backend import epilogue, packed_gemm, winograd
+from parsicore.kernels.numba_backend import epilogue, packed_gemm, row_gemm, winograd
 from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
@@ -571,7 +571,9 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                                              pack_slices=packed_gemm.pack_slices,
                                                              unpack_slices=packed_gemm.unpack_slices,
                                                              run_slices=packed_gemm.packed_gemm_slices)
-                                      if packed_gemm.available() else None)
+                                      if packed_gemm.available() else None,
+                                      row_gemm=row_gemm.row_gemm if row_gemm.ENABLED else None,
+                                      row_gemm_pays=row_gemm.pays if row_gemm.ENABLED else None)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

@@ -320,6 +320,11 @@ class ConvMicrokernels:
     gather_rows: Callable[..., None]
     #: A GEMM of the backend's own for the shapes where it beats BLAS (None: BLAS for every GEMM).
     packed_gemm: PackedGemm | None = None
+    #: (w (M, K) or (X, M, K), rows (R,), b ([X,] K, N), out ([X,] D, N), bias (D,) | None, act, context,
+    #: dest=(R,) | None, parallel=None): out[..., dest, :] = act(w[..., rows, :] @ b + bias[dest]), the active
+    #: weight rows read in place (no gather), where row_gemm_pays(K, N). None: gathered rows and BLAS.
+    row_gemm: Callable[..., None] | None = None
+    row_gemm_pays: Callable[[int, int], bool] | None = None
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
@@ -530,6 +535,10 @@ class ConvKernel:
             return
         compact_in = compact_in and chans is not None
         compact_out = compact_out and rows is not None
+        if rows is not None and chans is None and self.micro.row_gemm_pays is not None and (
+                self.micro.row_gemm_pays(n_cols, g.pixels)):
+            self._gated_rows_in_place(x, y, rows, compact_out)
+            return
         gather_w = rows is not None or chans is not None
         build_cols = not g.is_pointwise or (chans is not None and not compact_in)
         # The backend's own GEMM, on the packed weights of all rows and columns or on the active ones gathered:
@@ -598,6 +607,28 @@ class ConvKernel:
         else:
             self.micro.scatter_bias_activation(values, rows, self.bias, self.activation, y, self.context)
 
+    def _gated_rows_in_place(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, compact_out: bool) -> None:
+        """_gated_image gated by output rows only, on the backend's row GEMM: the active rows of the plain weights
+        read in place. x: (C, H, W); y: (K, Ho*Wo) C-contiguous; rows: sorted active output channels."""
+        g = self.geom
+        row_gemm = self.micro.row_gemm
+        assert row_gemm is not None
+        if g.is_pointwise:
+            b = np.ascontiguousarray(x).reshape(g.c, g.pixels)
+        else:
+            (flat,) = self.context.scratch(g.c * g.kh * g.kw * g.pixels)
+            b = flat.reshape(-1, g.pixels)
+            self.micro.im2col(x, None, g, b, self.context)
+        w = self._taps().reshape(g.k, -1)
+        if compact_out:
+            row_gemm(w, rows, b, y[:rows.size], None if self.bias is None else self.bias[rows], self.activation,
+                     self.context, dest=all_indices(rows.size))
+            return
+        inactive = np.ones(g.k, dtype=bool)
+        inactive[rows] = False
+        y[inactive] = 0.0
+        row_gemm(w, rows, b, y, self.bias, self.activation, self.context)
+
     def _winograd_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
                         chans: np.ndarray | None, compact_in: bool = False, compact_out: bool = False) -> None:
         """One image, dense or gated. x: (C, H, W); y: (K, Ho, Wo) C-contiguous; rows/chans: sorted active output/input
@@ -621,7 +652,11 @@ class ConvKernel:
         gather = rows is not None or chans is not None
         # Input channels only, on packed slices: the packed GEMM reads the active channels' steps in place.
         in_place = rows is None and chans is not None and self.winograd_packed is not None
-        u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gather and not in_place else 0,
+        # Output rows only, few tile columns: the backend's row GEMM reads the active rows of U in place.
+        rows_in_place = rows is not None and chans is None and self.micro.row_gemm_pays is not None and (
+            self.micro.row_gemm_pays(n_cols, count))
+        u_buf, v_buf, m_buf = self.context.scratch(
+            slices * n_rows * n_cols if gather and not (in_place or rows_in_place) else 0,
                                                    slices * n_cols * count, slices * n_rows * count)
         m = m_buf.reshape(slices, n_rows, count)
         threads = self.context.threads
@@ -632,7 +667,7 @@ class ConvKernel:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
             u = None  # the dense slices (self._winograd_u()) unless gathered below
-            gathered = gather and not in_place
+            gathered = gather and not (in_place or rows_in_place)
             if gathered and rows is None:
                 # Input channels only: whole rows of U^T (X, C, K), one block copy each (the element gather along
                 # C ran at ~3 GB/s), then the GEMMs on the transposed view (measured ~5 % slower than on a
@@ -646,7 +681,11 @@ class ConvKernel:
             v = v_buf.reshape(slices, n_cols, count)
             self.micro.winograd_input(x, all_indices(n_cols) if compact_in else chans, g.top, g.left, self.tiles_h,
                                       self.tiles_w, v, self.context, parallel)
-            if in_place:
+            if rows_in_place:
+                assert rows is not None and self.micro.row_gemm is not None
+                self.micro.row_gemm(self._winograd_u(), rows, v, m, None, None, self.context,
+                                    dest=all_indices(n_rows), parallel=parallel)
+            elif in_place:
                 self._packed_gemm().run_slices(self.winograd_packed, v, m, self.context, parallel, steps=chans)
             elif not gather and self.winograd_packed is not None:
                 self._packed_gemm().run_slices(self.winograd_packed, v, m, self.context, parallel)

@@ -1,0 +1,159 @@
+"""The numba backend's row GEMM (parsicore.kernels.numba_backend.row_gemm: the active weight rows read in place)
+against a float64 reference: the kernel alone (any shape, stacked slices, destination rows, bias, activation,
+threads, K blocks), and Conv's row-gated paths (im2col, 1x1, Winograd) with it forced on at every shape."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from parsicore.kernels import factories
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.numpy_backend import winograd
+from tests.ops._strategies_conv import (
+    activations,
+    channel_lists,
+    constants_set,
+    conv_cases,
+    winograd_cases,
+    winograd_tile,
+)
+from tests.ops.test_conv import _expand, assert_close, expected
+from tests.strategies import seeded_array
+
+row_gemm = pytest.importorskip("parsicore.kernels.numba_backend.row_gemm")
+if not row_gemm.ENABLED:
+    pytest.skip("no row GEMM on this machine (needs the 16-lane packed GEMM tile)", allow_module_level=True)
+
+
+def rows_everywhere() -> contextlib.AbstractContextManager[None]:
+    """Within the block, every row-gated GEMM at N <= COLUMNS takes the row GEMM (the test shapes are shallower
+    than its MIN_DEPTH)."""
+    return constants_set(row_gemm, MIN_DEPTH=0)
+
+
+def _context(threads: int) -> KernelContext:
+    context = KernelContext()
+    context.threads = threads
+    return context
+
+
+@given(x=st.sampled_from([None, 1, 3]), m=st.integers(1, 30), k=st.integers(1, 300), n=st.integers(1, 150),
+       has_bias=st.booleans(), act=activations(), threads=st.sampled_from([1, 2]), block=st.sampled_from([5, 128]),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_row_gemm_matches_reference(x: int | None, m: int, k: int, n: int, has_bias: bool, act: Activation | None,
+                                    threads: int, block: int, seed: int, data: st.DataObject) -> None:
+    """out[..., dest[i]] = act(w[..., rows[i]] @ b + bias[dest[i]]) at every edge: tiles of fewer than ROWS rows,
+    columns past a tile (masked lanes) and past COLUMNS, K blocks of 5 steps, a stack of slices, scattered or
+    compact destination rows (other rows untouched), 2 threads splitting the tiles."""
+    lead = () if x is None else (x,)
+    w = seeded_array(seed, (*lead, m, k))
+    b = seeded_array(seed + 1, (*lead, k, n))
+    rows = np.sort(np.random.default_rng(seed).choice(m, data.draw(st.integers(1, m)), replace=False)).astype(np.int64)
+    compact = data.draw(st.booleans())
+    total = rows.size if compact else m
+    dest = np.arange(rows.size, dtype=np.int64) if compact else None
+    bias = seeded_array(seed + 2, (total,)) if has_bias else None
+    out = np.full((*lead, total, n), np.nan, dtype=np.float32)
+    with constants_set(row_gemm, DEPTH=block):
+        row_gemm.row_gemm(w, rows, b, out, bias, act, _context(threads), dest=dest, parallel=threads == 2)
+    written = rows if dest is None else dest
+    exact = np.matmul(w[..., rows, :].astype(np.float64), b.astype(np.float64))
+    want = (exact + (0.0 if bias is None else bias[written, None])).astype(np.float32)
+    apply_activation(want, act)
+    scale = float(max(1.0, np.abs(exact).max()))
+    np.testing.assert_allclose(out[..., written, :], want, rtol=1e-4, atol=1e-4 * scale)
+    untouched = np.setdiff1d(np.arange(total), written)
+    assert np.isnan(out[..., untouched, :]).all(), "rows outside ``dest`` must stay unwritten"
+
+
+def test_row_gemm_rejects_mismatched_operands() -> None:
+    w = np.ones((20, 8), dtype=np.float32)
+    out = np.empty((20, 5), dtype=np.float32)
+    rows = np.arange(4, dtype=np.int64)
+    with pytest.raises(ValueError, match="b must be"):
+        row_gemm.row_gemm(w, rows, np.ones((7, 5), dtype=np.float32), out)
+    with pytest.raises(ValueError, match="rows must be"):
+        row_gemm.row_gemm(w, rows + 17, np.ones((8, 5), dtype=np.float32), out)
+    with pytest.raises(ValueError, match="dest must be"):
+        row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), out, dest=rows[:2])
+    with pytest.raises(ValueError, match="out must be"):
+        row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), np.empty((20, 6), dtype=np.float32))
+
+
+def test_pays_only_deep_and_narrow() -> None:
+    assert row_gemm.pays(4608, 49) and row_gemm.pays(row_gemm.MIN_DEPTH, row_gemm.COLUMNS)
+    assert not row_gemm.pays(32, 49)  # the default model's conv2 (16 slices of 64x32 by 49): gather + BLAS
+    assert not row_gemm.pays(4608, 196)
+
+
+def _spied(kernel) -> list[int]:  # type: ignore[no-untyped-def]
+    """The kernel with its row GEMM wrapped: the returned list gets one entry (the rows' count) per call."""
+    calls: list[int] = []
+    own = kernel.micro.row_gemm
+
+    def spy(w: np.ndarray, rows: np.ndarray, *args: object, **kwargs: object) -> None:
+        calls.append(rows.size)
+        own(w, rows, *args, **kwargs)
+
+    kernel.micro = dataclasses.replace(kernel.micro, row_gemm=spy)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@given(data=st.data())
+def test_conv_row_gated_paths_match_reference(threads: int, data: st.DataObject) -> None:
+    """im2col and 1x1 convs gated by output rows only (full or channel-compact output), with the row GEMM forced
+    on: the active rows of the plain weights read in place, the inactive output planes 0."""
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1"]))
+    case = data.draw(conv_cases(kind))
+    if kind == "im2col_gemm" and case.attrs.groups != 1:
+        return
+    n, k = case.x.shape[0], case.out_shape[0]
+    compact_out = data.draw(st.booleans())
+    active_out = data.draw(channel_lists(k, n))
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=_context(threads))
+    with rows_everywhere():
+        kernel = factories("numba")["Conv"](spec)
+        calls = _spied(kernel)
+        y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+        kernel([case.x], [y], active_out=active_out, compact_out=compact_out)
+    narrow = case.out_shape[1] * case.out_shape[2] <= row_gemm.COLUMNS
+    assert calls == [rows.size for rows in active_out if narrow and 0 < rows.size < k]
+    if compact_out:
+        for i, rows in enumerate(active_out):
+            assert np.isnan(y[i, rows.size:]).all(), "planes past the active channels must stay unwritten"
+        y = _expand(y, active_out)
+    want, scale = expected(case, active_out=active_out)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+@given(data=st.data())
+def test_conv_winograd_row_gated_matches_reference(threads: int, tile: int, data: st.DataObject) -> None:
+    """A Winograd conv gated by output rows only, with the row GEMM forced on: the 16 or 36 slice GEMMs read the
+    active rows of the transformed weights in place."""
+    case = data.draw(winograd_cases())
+    n, k = case.x.shape[0], case.out_shape[0]
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=_context(threads))
+    with winograd_tile(tile), constants_set(winograd, GATED_MIN_COLUMNS=0):  # F(4x4)'s few tiles stay Winograd
+        kernel = factories("numba")["Conv"](spec)
+    assert kernel.path == "winograd_3x3" and kernel.winograd_gated
+    active_out = data.draw(channel_lists(k, n))
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    with rows_everywhere():
+        calls = _spied(kernel)
+        kernel([case.x], [y], active_out=active_out)
+    want, scale = expected(case, active_out=active_out)
+    assert_close(y, want, scale)
+    count = winograd.tile_columns(kernel.tiles_h, kernel.tiles_w)
+    assert calls == [rows.size for rows in active_out if 0 < rows.size < k and count <= row_gemm.COLUMNS
+                     and winograd.gated_pays(rows.size, case.in_shape[0])]
