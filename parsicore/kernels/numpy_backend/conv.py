@@ -655,8 +655,8 @@ class ConvKernel:
         # Output rows only, few tile columns: the backend's row GEMM reads the active rows of U in place.
         rows_in_place = rows is not None and chans is None and self.micro.row_gemm_pays is not None and (
             self.micro.row_gemm_pays(n_cols, count))
-        u_buf, v_buf, m_buf = self.context.scratch(
-            slices * n_rows * n_cols if gather and not (in_place or rows_in_place) else 0,
+        gathered = gather and not (in_place or rows_in_place)  # U's active part copied into scratch
+        u_buf, v_buf, m_buf = self.context.scratch(slices * n_rows * n_cols if gathered else 0,
                                                    slices * n_cols * count, slices * n_rows * count)
         m = m_buf.reshape(slices, n_rows, count)
         threads = self.context.threads
@@ -667,7 +667,6 @@ class ConvKernel:
             m.fill(0.0)  # every input channel is off: the conv is its bias
         else:
             u = None  # the dense slices (self._winograd_u()) unless gathered below
-            gathered = gather and not (in_place or rows_in_place)
             if gathered and rows is None:
                 # Input channels only: whole rows of U^T (X, C, K), one block copy each (the element gather along
                 # C ran at ~3 GB/s), then the GEMMs on the transposed view (measured ~5 % slower than on a
