@@ -281,8 +281,8 @@ def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, da
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
     """A late-layer sized conv at the real thresholds (no forcing: 7x7 outputs, 256 -> 64 channels, K = 2304): the
-    dense call takes the weights packed at load, a gated call (48 rows, 192 channels) the gathered ones; both match
-    the reference. Where the packed GEMM is not on (packed_gemm.ENABLED), BLAS runs and must match all the same."""
+    dense call takes the weights packed at load, a gated call (48 rows, 192 channels) the gathered ones, a call gated
+    by 40 input channels only the steps read in place; all match the reference. Where the packed GEMM is not on (packed_gemm.ENABLED), BLAS runs and must match all the same."""
     case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(60, (1, 256, 7, 7)),
                     seeded_array(61, (64, 256, 3, 3), scale=0.02), seeded_array(62, (64,)), Activation("relu"),
                     (64, 7, 7))
@@ -308,4 +308,9 @@ def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
     kernel([zero_inactive(case.x, chans)], [y], active_out=rows, active_in=chans)
     want, scale = expected(case, active_out=rows, active_in=chans)
     assert_close(y, want, scale)
-    assert calls == ([64, 48] if packed_gemm.ENABLED else [])
+    # Input channels only, few of them (64 x 40*9 weights, below the gathered threshold): steps read in place.
+    few = [np.sort(np.random.default_rng(64).choice(256, 40, replace=False)).astype(np.int64)]
+    kernel([zero_inactive(case.x, few)], [y], active_in=few)
+    want, scale = expected(case, active_in=few)
+    assert_close(y, want, scale)
+    assert calls == ([64, 48, 64] if packed_gemm.ENABLED else [])
