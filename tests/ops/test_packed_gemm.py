@@ -282,7 +282,8 @@ def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, da
 def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
     """A late-layer sized conv at the real thresholds (no forcing: 7x7 outputs, 256 -> 64 channels, K = 2304): the
     dense call takes the weights packed at load, a gated call (48 rows, 192 channels) the gathered ones, a call gated
-    by 40 input channels only the steps read in place; all match the reference. Where the packed GEMM is not on (packed_gemm.ENABLED), BLAS runs and must match all the same."""
+    by 40 input channels only the steps read in place; all match the reference. Where the packed GEMM is not on
+    (packed_gemm.ENABLED), BLAS runs and must match all the same."""
     case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(60, (1, 256, 7, 7)),
                     seeded_array(61, (64, 256, 3, 3), scale=0.02), seeded_array(62, (64,)), Activation("relu"),
                     (64, 7, 7))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,6 +86,39 @@ def test_row_gemm_rejects_mismatched_operands() -> None:
         row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), out, dest=rows[:2])
     with pytest.raises(ValueError, match="out must be"):
         row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), np.empty((20, 6), dtype=np.float32))
+
+
+_GUARDED = r"""
+import ctypes, mmap, sys
+import numpy as np
+from parsicore.kernels.numba_backend import row_gemm
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+if libc.mprotect(start + page, page, 0) != 0:  # PROT_NONE: any read of the second page faults
+    sys.exit(3)
+k, n = 7, int(sys.argv[1])
+first = np.frombuffer(buf, dtype=np.float32, count=page // 4)
+b = first[first.size - k * n:].reshape(k, n)  # B's last row ends where the guard page starts
+b[:] = np.arange(k * n, dtype=np.float32).reshape(k, n) / (k * n)
+w = np.ones((8, k), dtype=np.float32)
+rows = np.arange(8, dtype=np.int64)
+out = np.empty((8, n), dtype=np.float32)
+row_gemm.row_gemm(w, rows, b, out)
+assert np.allclose(out, b.sum(axis=0)[None, :], rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard page: Linux only")
+@pytest.mark.parametrize("n", [1, 17, 49, 64, 70])
+def test_row_gemm_reads_nothing_past_b(n: int) -> None:
+    """B placed so that its last row ends at a page the process may not read: the masked loads past N must not
+    touch it (an unmasked read there kills the child process with SIGSEGV)."""
+    done = subprocess.run([sys.executable, "-c", _GUARDED, str(n)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
 def test_pays_only_deep_and_narrow() -> None:
