@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from parsicore.kernels.base import ACTIVATION_KINDS, Activation
+from parsicore.kernels.base import ACTIVATION_KINDS, Activation, KernelContext
 from parsicore.kernels.numpy_backend import winograd
 from parsicore.ops.conv import ConvAttrs, conv_output_size
 from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, PoolAttrs, pool_output_size
@@ -203,6 +203,13 @@ def constants_set(module: ModuleType, **values: int) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
+
+
+def thread_context(threads: int) -> KernelContext:
+    """A kernel context for a run of ``threads`` compute threads."""
+    context = KernelContext()
+    context.threads = threads
+    return context
 
 
 def winograd_tile(m: int) -> contextlib.AbstractContextManager[None]:

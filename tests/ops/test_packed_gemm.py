@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parsicore.kernels import factories
-from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.base import Activation, KernelSpec, apply_activation
 from parsicore.ops.conv import ConvAttrs
 from tests.ops._strategies_conv import (
     ConvCase,
@@ -21,6 +21,7 @@ from tests.ops._strategies_conv import (
     channel_lists,
     constants_set,
     conv_cases,
+    thread_context,
     winograd_cases,
     winograd_tile,
 )
@@ -35,12 +36,6 @@ if not packed_gemm.available():
 def packed_everywhere() -> contextlib.AbstractContextManager[None]:
     """Within the block, every conv GEMM takes the packed GEMM (the test shapes are far below its thresholds)."""
     return constants_set(packed_gemm, ENABLED=True, MAX_COLUMNS=1 << 62, MIN_DEPTH=0, MIN_WEIGHTS=0)
-
-
-def _context(threads: int) -> KernelContext:
-    context = KernelContext()
-    context.threads = threads
-    return context
 
 
 def test_micro_shape_per_cpu() -> None:
@@ -81,7 +76,7 @@ def test_packed_gemm_matches_reference(m: int, k: int, n: int, has_bias: bool, a
     bias = seeded_array(seed + 2, (total,)) if has_bias else None
     out = np.full((total, n), np.nan, dtype=np.float32)
     packed = packed_gemm.pack(a, depth)
-    packed_gemm.packed_gemm(packed, m, b, out, bias, act, _context(threads), rows, parallel_macs=0)
+    packed_gemm.packed_gemm(packed, m, b, out, bias, act, thread_context(threads), rows, parallel_macs=0)
     dest = np.arange(m) if rows is None else rows
     want = a.astype(np.float64) @ b.astype(np.float64) + (0.0 if bias is None else bias[dest, None])
     want = want.astype(np.float32)
@@ -135,7 +130,7 @@ def test_packed_gemm_on_selected_steps_matches_reference(m: int, k: int, n: int,
     steps = np.sort(data.draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=k, unique=True))).astype(np.int64)
     b = seeded_array(seed + 1, (steps.size, n))
     out = np.full((m, n), np.nan, dtype=np.float32)
-    packed_gemm.packed_gemm(packed_gemm.pack(a, block), m, b, out, None, act, _context(1), steps=steps)
+    packed_gemm.packed_gemm(packed_gemm.pack(a, block), m, b, out, None, act, thread_context(1), steps=steps)
     want = (a[:, steps].astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
     apply_activation(want, act)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
@@ -182,7 +177,7 @@ def test_pack_gathered_matches_naive_gather(k: int, c: int, taps: int, seed: int
     gathered = weights[use_rows][:, use_chans].reshape(use_rows.size, -1)
     scratch = np.full(packed_gemm.packed_size(use_rows.size, gathered.shape[1]) + 3, np.nan, dtype=np.float32)
     with constants_set(packed_gemm, DEPTH=block):
-        got = packed_gemm.pack_gathered(weights, rows, chans, scratch, _context(2))
+        got = packed_gemm.pack_gathered(weights, rows, chans, scratch, thread_context(2))
     assert (got.rows, got.depth, got.block) == (use_rows.size, gathered.shape[1], block)
     np.testing.assert_array_equal(got.data, naive_packed_layout(gathered, block))
 
@@ -194,7 +189,7 @@ def test_packed_gemm_slices_match_reference(x: int, m: int, k: int, n: int, para
     u = seeded_array(seed, (x, m, k))
     b = seeded_array(seed + 1, (x, k, n))
     out = np.full((x, m, n), np.nan, dtype=np.float32)
-    packed_gemm.packed_gemm_slices(packed_gemm.pack_slices(u), b, out, _context(2), parallel)
+    packed_gemm.packed_gemm_slices(packed_gemm.pack_slices(u), b, out, thread_context(2), parallel)
     want = np.matmul(u.astype(np.float64), b.astype(np.float64))
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
 
@@ -231,7 +226,7 @@ def test_conv_packed_gemm_paths_match_reference(threads: int, data: st.DataObjec
     active_out = data.draw(channel_lists(k, n)) if mode in ("rows", "both", "compact_out") else None
     active_in = data.draw(channel_lists(c, n)) if mode in ("columns", "both", "compact_in") else None
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                      activation=case.activation, context=_context(threads))
+                      activation=case.activation, context=thread_context(threads))
     with packed_everywhere():
         kernel = factories("numba")["Conv"](spec)
         assert kernel.gemm_panels is not None
@@ -260,7 +255,7 @@ def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, da
     slices gathered from weights rebuilt from the packed ones."""
     case = data.draw(winograd_cases())
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                      activation=case.activation, context=_context(threads))
+                      activation=case.activation, context=thread_context(threads))
     with packed_everywhere(), winograd_tile(tile):
         kernel = factories("numba")["Conv"](spec)
     assert kernel.path == "winograd_3x3" and kernel.winograd_packed is not None
@@ -289,7 +284,7 @@ def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
                     (64, 7, 7))
     assert path_of(case) == "im2col_gemm"
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                      activation=case.activation, context=_context(threads))
+                      activation=case.activation, context=thread_context(threads))
     kernel = factories("numba")["Conv"](spec)
     assert (kernel.gemm_panels is not None) == packed_gemm.ENABLED
     calls = []

@@ -15,13 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parsicore.kernels import factories
-from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
+from parsicore.kernels.base import Activation, KernelSpec, apply_activation
 from parsicore.kernels.numpy_backend import winograd
 from tests.ops._strategies_conv import (
     activations,
     channel_lists,
     constants_set,
     conv_cases,
+    thread_context,
     winograd_cases,
     winograd_tile,
 )
@@ -37,12 +38,6 @@ def rows_everywhere() -> contextlib.AbstractContextManager[None]:
     """Within the block, every row-gated GEMM at N <= COLUMNS takes the row GEMM (the test shapes are shallower
     than its MIN_DEPTH)."""
     return constants_set(row_gemm, MIN_DEPTH=0)
-
-
-def _context(threads: int) -> KernelContext:
-    context = KernelContext()
-    context.threads = threads
-    return context
 
 
 @given(x=st.sampled_from([None, 1, 3]), m=st.integers(1, 30), k=st.integers(1, 300), n=st.integers(1, 150),
@@ -63,7 +58,7 @@ def test_row_gemm_matches_reference(x: int | None, m: int, k: int, n: int, has_b
     bias = seeded_array(seed + 2, (total,)) if has_bias else None
     out = np.full((*lead, total, n), np.nan, dtype=np.float32)
     with constants_set(row_gemm, DEPTH=block):
-        row_gemm.row_gemm(w, rows, b, out, bias, act, _context(threads), dest=dest, parallel=threads == 2)
+        row_gemm.row_gemm(w, rows, b, out, bias, act, thread_context(threads), dest=dest, parallel=threads == 2)
     written = rows if dest is None else dest
     exact = np.matmul(w[..., rows, :].astype(np.float64), b.astype(np.float64))
     want = (exact + (0.0 if bias is None else bias[written, None])).astype(np.float32)
@@ -153,7 +148,7 @@ def test_conv_row_gated_paths_match_reference(threads: int, data: st.DataObject)
     compact_out = data.draw(st.booleans())
     active_out = data.draw(channel_lists(k, n))
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                      activation=case.activation, context=_context(threads))
+                      activation=case.activation, context=thread_context(threads))
     with rows_everywhere():
         kernel = factories("numba")["Conv"](spec)
         calls = _spied(kernel)
@@ -178,7 +173,7 @@ def test_conv_winograd_row_gated_matches_reference(threads: int, tile: int, data
     case = data.draw(winograd_cases())
     n, k = case.x.shape[0], case.out_shape[0]
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
-                      activation=case.activation, context=_context(threads))
+                      activation=case.activation, context=thread_context(threads))
     with winograd_tile(tile), constants_set(winograd, GATED_MIN_COLUMNS=0):  # F(4x4)'s few tiles stay Winograd
         kernel = factories("numba")["Conv"](spec)
     assert kernel.path == "winograd_3x3" and kernel.winograd_gated

@@ -627,6 +627,15 @@ def _step_table(steps, depth, block, ahead):
     return starts, local
 
 
+def _step_tables(packed: PackedWeights, steps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(starts, local, indexed) for _gemm_panels: every step of ``packed`` in order (steps None), or only
+    ``steps`` read in place (step_selection)."""
+    if steps is None:
+        return _dense_starts(packed.depth, packed.block), _NO_STEPS, False
+    starts, local = step_selection(packed, steps)
+    return starts, local, True
+
+
 def _checked_steps(steps: np.ndarray, depth: int) -> int:
     """The number of ``steps`` (sorted distinct int64 within 0..depth-1, else ValueError)."""
     k = steps.shape[0]
@@ -671,10 +680,7 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     parallel = threads != 1 and macs >= parallel_macs
     panels = panel_count(m)
     chunks = min(panels, numba.config.NUMBA_NUM_THREADS if threads is None else threads) if parallel else 1
-    if steps is None:
-        starts, local, indexed = _dense_starts(packed.depth, packed.block), _NO_STEPS, False
-    else:
-        (starts, local), indexed = step_selection(packed, steps), True
+    starts, local, indexed = _step_tables(packed, steps)
     _gemm_kernel(threads, macs if parallel else 0, packed.data, m, packed.block, packed.depth, starts, local, indexed,
                  b, bias if has_bias else zeros(out.shape[0]), has_bias, code, alpha, beta, lo, hi, rows, _WIDTHS,
                  chunks, TILE_BYTES, out)
@@ -698,9 +704,6 @@ def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, co
     threads = None if context is None else context.threads
     macs = out.size * k
     run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
-    if steps is None:
-        starts, local, indexed = _dense_starts(packed.depth, packed.block), _NO_STEPS, False
-    else:
-        (starts, local), indexed = step_selection(packed, steps), True
+    starts, local, indexed = _step_tables(packed, steps)
     _gemm_slices_kernel(threads, macs if run_parallel else 0, packed.data, m, packed.block, packed.depth, starts,
                         local, indexed, b, all_indices(m), _WIDTHS, TILE_BYTES, out)

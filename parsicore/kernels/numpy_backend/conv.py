@@ -466,11 +466,7 @@ class ConvKernel:
             packed_gemm = self._packed_gemm()
             (flat,) = self.context.scratch(0 if g.is_pointwise else g.c * g.kh * g.kw * g.pixels)
             for i in range(n):
-                if g.is_pointwise:
-                    b = np.ascontiguousarray(x[i]).reshape(g.c, g.pixels)
-                else:
-                    b = flat.reshape(-1, g.pixels)
-                    self.micro.im2col(x[i], None, g, b, self.context)
+                b = self._gemm_operand(x[i], flat)
                 packed_gemm.run(self.gemm_panels, g.k, b, y[i].reshape(g.k, g.pixels), self.bias, self.activation,
                                 self.context)
             return
@@ -595,9 +591,7 @@ class ConvKernel:
                                     self.activation, self.context)
                     return
                 if rows is not None:
-                    inactive = np.ones(g.k, dtype=bool)
-                    inactive[rows] = False
-                    y[inactive] = 0.0
+                    _zero_other_rows(y, rows)
                 packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows, steps=steps)
                 return
             self._matmul(weight, b, values)
@@ -615,21 +609,25 @@ class ConvKernel:
         g = self.geom
         row_gemm = self.micro.row_gemm
         assert row_gemm is not None
-        if g.is_pointwise:
-            b = np.ascontiguousarray(x).reshape(g.c, g.pixels)
-        else:
-            (flat,) = self.context.scratch(g.c * g.kh * g.kw * g.pixels)
-            b = flat.reshape(-1, g.pixels)
-            self.micro.im2col(x, None, g, b, self.context)
+        (flat,) = self.context.scratch(0 if g.is_pointwise else g.c * g.kh * g.kw * g.pixels)
+        b = self._gemm_operand(x, flat)
         w = self._taps().reshape(g.k, -1)
         if compact_out:
             row_gemm(w, rows, b, y[:rows.size], None if self.bias is None else self.bias[rows], self.activation,
                      self.context, dest=all_indices(rows.size))
             return
-        inactive = np.ones(g.k, dtype=bool)
-        inactive[rows] = False
-        y[inactive] = 0.0
+        _zero_other_rows(y, rows)
         row_gemm(w, rows, b, y, self.bias, self.activation, self.context)
+
+    def _gemm_operand(self, x: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        """The dense GEMM's second operand for one image x (C, H, W): a 1x1 conv's input planes as they lie (made
+        contiguous), else the im2col matrix written into ``flat`` (scratch of C*kh*kw*Ho*Wo floats)."""
+        g = self.geom
+        if g.is_pointwise:
+            return np.ascontiguousarray(x).reshape(g.c, g.pixels)
+        b = flat.reshape(-1, g.pixels)
+        self.micro.im2col(x, None, g, b, self.context)
+        return b
 
     def _winograd_image(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None,
                         chans: np.ndarray | None, compact_in: bool = False, compact_out: bool = False) -> None:
@@ -821,6 +819,13 @@ class ConvKernel:
                 modes[i] = MODE_ZERO
                 modes[i, rows[i]] = kept
         return modes
+
+
+def _zero_other_rows(y: np.ndarray, rows: np.ndarray) -> None:
+    """y: (K, P); every row not in ``rows`` set to 0 (a gated conv's inactive output planes)."""
+    inactive = np.ones(y.shape[0], dtype=bool)
+    inactive[rows] = False
+    y[inactive] = 0.0
 
 
 def _row_blocks(g: ConvGeometry) -> list[tuple[int, int, int, int, ConvGeometry]]:
