@@ -15,12 +15,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parsicore.kernels.base import Activation
+from parsicore.kernels.base import Activation, KernelSpec
 from parsicore.kernels.numpy_backend.gates import FACTORIES
 from parsicore.ops import OPS
 from parsicore.ops.base import parse_attrs
 from parsicore.ops.gates import LKAMGateAttrs, TopKGateAttrs, kept_count, lkam_switches, topk_saliency
-from tests.ops._strategies_misc import batched_input, batches, image_shapes, reference, run_kernel, seeds, strided
+from tests.ops._strategies_misc import (
+    batched_input,
+    batches,
+    image_shapes,
+    out_shapes,
+    reference,
+    run_kernel,
+    seeds,
+    strided,
+)
 from tests.strategies import maybe_non_contiguous
 
 AMBIGUOUS = 1e-5  # |s - threshold| below this may flip between float32 and float64
@@ -489,3 +498,124 @@ def test_engine_topk_count_agrees_with_reference_when_ratio_times_k_rounds_up() 
     g = np.linspace(1.0, 2.0, k, dtype=np.float32)[None]
     got = gates.mask_from_switches("TopKGate", TopKGateAttrs(keep_ratio=keep_ratio, scaled=False), g)
     assert int(got.sum()) == kept_count(keep_ratio, k) == 8
+
+
+# --- The numba backend's fused bank1 (row GEMM microkernel, pooled in place) ------------------------------------
+
+
+def fused_gates() -> object:
+    """The numba gates module when its fused bank1 can run here (the row GEMM's microkernel), else skip."""
+    numba_gates = pytest.importorskip("parsicore.kernels.numba_backend.gates")
+    if not numba_gates.row_gemm.ENABLED:
+        pytest.skip("no row GEMM microkernel on this machine")
+    return numba_gates
+
+
+def run_fused(numba_gates: object, attrs: LKAMGateAttrs, x: np.ndarray, weights: dict[str, np.ndarray],
+              threads: int = 1, depth: int | None = None) -> np.ndarray:
+    """The numba LKAM kernel built with the fused bank1 at any size (and K passes of ``depth`` steps), checked to
+    take it; its switches for x."""
+    from tests.ops._strategies_conv import constants_set, thread_context
+
+    values = {} if depth is None else {"DEPTH": depth}
+    with constants_set(numba_gates, FUSED_MIN_PIXELS=1), constants_set(numba_gates.row_gemm, **values):
+        spec = KernelSpec(op="LKAMGate", attrs=attrs, weights=weights, in_shapes=(tuple(x.shape[1:]),),
+                          out_shapes=out_shapes("LKAMGate", attrs, [x], weights), context=thread_context(threads))
+        kernel = numba_gates.make_lkam_gate(spec)
+    assert kernel.__name__ == "fused_lkam_gate"
+    out = np.full((x.shape[0], *spec.out_shapes[0]), np.nan, dtype=np.float32)
+    before = x.copy()
+    kernel([x], [out])
+    np.testing.assert_array_equal(x, before)
+    return out
+
+
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 3, 17, 130]), m=st.integers(1, 14), side=st.integers(1, 40),
+       two_banks=st.booleans(), pool=st.sampled_from(["avg", "max"]), activation=st.sampled_from(["relu", "none"]),
+       depth=st.sampled_from([None, 5]), threads=st.sampled_from([1, 2]), seed=seeds, flag=strided)
+def test_lkam_fused_bank1_matches_reference(n: int, c: int, m: int, side: int, two_banks: bool, pool: str,
+                                            activation: str, depth: int | None, threads: int, seed: int,
+                                            flag: bool) -> None:
+    """At every edge of the fused pass: hidden rows in tiles of fewer than ROWS, pixel counts off the 64-lane
+    blocks and fewer blocks than POOL_CHUNKS, K in passes of 5 steps or past 128, one or two banks, avg or max
+    pool (a max after bank2 keeps the unfused kernel), a batch of 2, strided input, 2 threads."""
+    numba_gates = fused_gates()
+    if two_banks and pool == "max":
+        pool = "avg"
+    attrs = LKAMGateAttrs(kernel_size=1, pool=pool, activation=activation)
+    x = batched_input(seed, n, (c, side, side + 3), flag)
+    weights = lkam_weights(seed + 1, c, m, 1, 9 if two_banks else None)
+    s = run_fused(numba_gates, attrs, x, weights, threads, depth)
+    (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+    np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_lkam_fused_bank1_propagates_nan(pool: str) -> None:
+    """A NaN pixel makes every switch NaN, as the reference's sum or max over it (the max's lane partials and
+    their combination keep it, whichever lane and chunk it falls in). No ReLU between the banks: the reference's
+    maps NaN to 0 (np.where), the kernels' keeps it, as torch.relu does."""
+    numba_gates = fused_gates()
+    attrs = LKAMGateAttrs(kernel_size=1, pool=pool, activation="none")
+    weights = lkam_weights(3, 4, 5, 1, None if pool == "max" else 6)
+    for where in [(0, 0), (0, 70), (3, 1000), (2, 2047)]:
+        x = batched_input(2, 1, (4, 32, 64), False)
+        x.reshape(4, -1)[where] = np.nan
+        s = run_fused(numba_gates, attrs, x, weights)
+        (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+        assert np.isnan(want).all()
+        assert np.isnan(s).all(), where
+
+
+def test_lkam_fused_bank1_max_of_negative_rows() -> None:
+    """One bank, max pool, every bank1 value negative (b1 = -50): the pooled max is negative, not the 0 an empty
+    partial would start from."""
+    numba_gates = fused_gates()
+    attrs = LKAMGateAttrs(kernel_size=1, pool="max")
+    x = batched_input(4, 2, (6, 20, 70), False)
+    weights = lkam_weights(5, 6, 7, 1, None)
+    weights["b1"] = np.full(7, -50.0, dtype=np.float32)
+    weights["w1"] *= np.float32(0.1)
+    s = run_fused(numba_gates, attrs, x, weights)
+    (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+    assert (want < 1e-20).all() and (want > 0).all()
+    np.testing.assert_allclose(s, want, rtol=1e-4)
+
+
+def test_lkam_fused_bank1_same_switches_at_any_thread_count() -> None:
+    """The pool's partials are per chunk of pixels, and the chunks are fixed, not per thread: above the size where
+    the kernel runs on 2 threads, the switches are the same numbers as with 1 (and match the reference)."""
+    numba_gates = fused_gates()
+    attrs = LKAMGateAttrs(kernel_size=1)
+    x = batched_input(5, 1, (32, 190, 190), False)
+    assert 32 * 190 * 190 >= numba_gates_min_parallel_work()
+    weights = lkam_weights(6, 32, 4, 1, 32)
+    one = run_fused(numba_gates, attrs, x, weights, threads=1)
+    two = run_fused(numba_gates, attrs, x, weights, threads=2)
+    np.testing.assert_array_equal(one, two)
+    (want,) = OPS["LKAMGate"].switches(attrs, [x], weights)
+    np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5)
+
+
+def numba_gates_min_parallel_work() -> int:
+    from parsicore.kernels.numba_backend.parallel import MIN_PARALLEL_WORK
+
+    return MIN_PARALLEL_WORK
+
+
+def test_lkam_fused_bank1_is_the_default_only_on_large_inputs() -> None:
+    """Built without overrides, the numba gate fuses bank1 from FUSED_MIN_PIXELS pixels on, and never for a max
+    pool after bank2 (which needs bank2 on every pixel)."""
+    numba_gates = fused_gates()
+    weights = lkam_weights(1, 8, 4, 1, 8)
+
+    def built(side: int, pool: str) -> str:
+        attrs = LKAMGateAttrs(kernel_size=1, pool=pool)
+        spec = KernelSpec(op="LKAMGate", attrs=attrs, weights=weights, in_shapes=((8, side, side),),
+                          out_shapes=((8,),))
+        return numba_gates.make_lkam_gate(spec).__name__
+
+    big = int(np.ceil(np.sqrt(numba_gates.FUSED_MIN_PIXELS)))
+    assert built(big, "avg") == "fused_lkam_gate"
+    assert built(big - 1, "avg") == "lkam_gate"
+    assert built(big, "max") == "lkam_gate"

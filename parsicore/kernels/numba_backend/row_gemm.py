@@ -57,7 +57,7 @@ MIN_DEPTH = 128
 
 
 def _emit_rows(builder, rows: int, w_ptr, offs_ptr, b_ptr, ldb_v, ncols_v, c_ptr, depth_v, acc_v) -> None:
-    """LLVM IR for one tile of ``rows`` weight rows (see _micro), at the builder's position."""
+    """LLVM IR for one tile of ``rows`` weight rows (see tile), at the builder's position."""
     f32 = ir.FloatType()
     vec = ir.VectorType(f32, LANES)
     i64 = ir.IntType(64)
@@ -112,8 +112,9 @@ def _emit_rows(builder, rows: int, w_ptr, offs_ptr, b_ptr, ldb_v, ncols_v, c_ptr
 
 
 @intrinsic
-def _micro(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate):
-    """``micro(rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate)``: tile row r <
+def tile(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate):
+    """``tile(rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate)`` (the row GEMM's
+    microkernel, also the fused LKAM gate's bank1): tile row r <
     ``rows`` (1..ROWS; another count does nothing) at c[c_off + r*COLUMNS:] (COLUMNS floats, all written; the
     columns past ``ncols`` get 0 terms) = (accumulate ? itself : 0) + sum over ``depth`` (>= 1) steps t of
     w[w_off + offs[offs_at + r] + t] * b[b_off + t*ldb : +ncols]. w, b, c: float32 1-D C-contiguous; offs: int64
@@ -168,7 +169,7 @@ def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, 
             ncols = min(COLUMNS, n - c0)
             for k0 in range(0, depth, block):
                 for g in range(g0, g1):
-                    _micro(min(ROWS, r_total - g * ROWS), w, w0 + k0, offs, g * ROWS, b, b0 + k0 * n + c0, n, ncols,
+                    tile(min(ROWS, r_total - g * ROWS), w, w0 + k0, offs, g * ROWS, b, b0 + k0 * n + c0, n, ncols,
                            tiles, (g - g0) * ROWS * COLUMNS, min(block, depth - k0), k0 > 0)
             for g in range(g0, g1):
                 for i in range(min(ROWS, r_total - g * ROWS)):
