@@ -635,3 +635,22 @@ def test_gather_rows_microkernel_matches_indexing(backend: str, seed: int, block
     out = np.full((blocks, rows.size, length), np.nan, dtype=np.float32)
     gather_rows(src, rows, out)
     np.testing.assert_array_equal(out, src[:, rows])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 40), length=st.integers(1, 70), data=st.data())
+def test_zero_other_rows_microkernel_zeroes_exactly_the_inactive_rows(backend: str, seed: int, k: int, length: int,
+                                                                      data: st.DataObject) -> None:
+    """A gated conv's inactive output planes: every row not in ``rows`` becomes 0, the active ones keep their
+    values (none to all rows active)."""
+    module = {"numpy": "parsicore.kernels.numpy_backend.conv", "numba": "parsicore.kernels.numba_backend.gather"}
+    zero_other_rows = pytest.importorskip(module[backend]).zero_other_rows
+    y = seeded_array(seed, (k, length))
+    before = y.copy()
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, k - 1)))), dtype=np.int64)
+    zero_other_rows(y, rows)
+    for row in range(k):
+        if row in set(rows.tolist()):
+            np.testing.assert_array_equal(y[row], before[row])
+        else:
+            assert not y[row].any(), row

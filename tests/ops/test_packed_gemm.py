@@ -194,6 +194,17 @@ def test_packed_gemm_slices_match_reference(x: int, m: int, k: int, n: int, para
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * float(max(1.0, np.abs(want).max())))
 
 
+@given(channels=st.sets(st.integers(0, 300), max_size=40), taps=st.integers(1, 25))
+def test_channel_steps_are_each_channels_taps_in_order(channels: set[int], taps: int) -> None:
+    """The steps of the active input channels: c*T + t for each channel, then each tap, as the packed weights
+    order them (c*T + t is im2col's row of channel c, tap t)."""
+    chans = np.array(sorted(channels), dtype=np.int64)
+    want = [c * taps + t for c in sorted(channels) for t in range(taps)]
+    got = packed_gemm.channel_steps(chans, taps)
+    assert got.dtype == np.int64
+    assert got.tolist() == want
+
+
 def test_packed_gemm_rejects_mismatched_operands() -> None:
     a = packed_gemm.pack(np.ones((20, 8), dtype=np.float32))
     out = np.empty((20, 5), dtype=np.float32)
@@ -201,9 +212,10 @@ def test_packed_gemm_rejects_mismatched_operands() -> None:
         packed_gemm.packed_gemm(a, 20, np.ones((7, 5), dtype=np.float32), out, None, None)
     with pytest.raises(ValueError, match="hold 20 rows"):
         packed_gemm.packed_gemm(a, 40, np.ones((8, 5), dtype=np.float32), out, None, None)
-    with pytest.raises(ValueError, match="steps must be"):
-        packed_gemm.packed_gemm(a, 20, np.ones((2, 5), dtype=np.float32), out, None, None,
-                                steps=np.array([3, 3], dtype=np.int64))
+    for bad in ([3, 3], [5, 2], [-1, 2], [0, 8], []):  # repeated, descending, below 0, past K = 8, none
+        with pytest.raises(ValueError, match="steps must be"):
+            packed_gemm.packed_gemm(a, 20, np.ones((len(bad), 5), dtype=np.float32), out, None, None,
+                                    steps=np.array(bad, dtype=np.int64))
     with pytest.raises(ValueError, match="rows must be"):
         packed_gemm.packed_gemm(a, 20, np.ones((8, 5), dtype=np.float32), out, None, None,
                                 rows=np.arange(20, dtype=np.int64) + 1)

@@ -77,8 +77,14 @@ def test_row_gemm_rejects_mismatched_operands() -> None:
         row_gemm.row_gemm(w, rows, np.ones((7, 5), dtype=np.float32), out)
     with pytest.raises(ValueError, match="rows must be"):
         row_gemm.row_gemm(w, rows + 17, np.ones((8, 5), dtype=np.float32), out)
+    with pytest.raises(ValueError, match="rows must be"):
+        row_gemm.row_gemm(w, rows - 1, np.ones((8, 5), dtype=np.float32), out)
     with pytest.raises(ValueError, match="dest must be"):
         row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), out, dest=rows[:2])
+    with pytest.raises(ValueError, match="dest must be"):
+        row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), out, dest=rows + 17)
+    with pytest.raises(ValueError, match="dest must be"):  # dest None: the rows themselves, past out's 3 rows
+        row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), np.empty((3, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="out must be"):
         row_gemm.row_gemm(w, rows, np.ones((8, 5), dtype=np.float32), np.empty((20, 6), dtype=np.float32))
 

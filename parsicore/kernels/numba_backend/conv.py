@@ -34,7 +34,7 @@ from parsicore.kernels.numba_backend.epilogue import (
     scatter_rows,
     zeros,
 )
-from parsicore.kernels.numba_backend.gather import gather_rows
+from parsicore.kernels.numba_backend.gather import gather_rows, zero_other_rows
 from parsicore.kernels.numba_backend.parallel import chunk_bounds, chunk_count, jit, jit_inline, serial_and_parallel
 from parsicore.kernels.numpy_backend.conv import (
     MODE_BIAS,
@@ -570,10 +570,12 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                                              unpack=packed_gemm.unpack,
                                                              pack_slices=packed_gemm.pack_slices,
                                                              unpack_slices=packed_gemm.unpack_slices,
-                                                             run_slices=packed_gemm.packed_gemm_slices)
+                                                             run_slices=packed_gemm.packed_gemm_slices,
+                                                             channel_steps=packed_gemm.channel_steps)
                                       if packed_gemm.available() else None,
                                       row_gemm=row_gemm.row_gemm if row_gemm.ENABLED else None,
-                                      row_gemm_pays=row_gemm.pays if row_gemm.ENABLED else None)
+                                      row_gemm_pays=row_gemm.pays if row_gemm.ENABLED else None,
+                                      zero_other_rows=zero_other_rows)
 
 
 def make_conv(spec: KernelSpec) -> ConvKernel:

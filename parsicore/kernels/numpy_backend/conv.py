@@ -224,6 +224,14 @@ def gather_weights(taps: np.ndarray, rows: np.ndarray | None, channels: np.ndarr
     out.reshape(r, s, taps.shape[2])[...] = picked if channels is None else picked[:, channels]
 
 
+def zero_other_rows(y: np.ndarray, rows: np.ndarray) -> None:
+    """y: float32 (K, P) C-contiguous; every row not in ``rows`` (sorted distinct int64) set to 0 (a gated conv's
+    inactive output planes)."""
+    inactive = np.ones(y.shape[0], dtype=bool)
+    inactive[rows] = False
+    y[inactive] = 0.0
+
+
 def gather_rows(src: np.ndarray, rows: np.ndarray, out: np.ndarray, context: KernelContext | None = None) -> None:
     """src: float32 (B, K, L), C-contiguous; rows: int64 (R,) -> out: float32 (B, R, L) = src[:, rows]."""
     np.take(src, rows, axis=1, out=out)
@@ -298,6 +306,8 @@ class PackedGemm:
     #: (packed, b (X, K, N), out (X, M, N), context, parallel, steps=(S,) | None): out[x] = U[x] @ b[x], with
     #: ``steps`` U[x][:, steps] read in place (b then (X, S, N)).
     run_slices: Callable[..., None]
+    #: (channels int64 (S,) sorted, taps T) -> int64 (S*T,) c*T + t: the steps of the active input channels.
+    channel_steps: Callable[[np.ndarray, int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -325,6 +335,8 @@ class ConvMicrokernels:
     #: weight rows read in place (no gather), where row_gemm_pays(K, N). None: gathered rows and BLAS.
     row_gemm: Callable[..., None] | None = None
     row_gemm_pays: Callable[[int, int], bool] | None = None
+    #: (y (K, P), rows (R,) sorted): the rows not in ``rows`` set to 0.
+    zero_other_rows: Callable[[np.ndarray, np.ndarray], None] = zero_other_rows
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
@@ -563,7 +575,7 @@ class ConvKernel:
             if in_place:
                 assert chans is not None
                 weight = self.gemm_panels
-                steps = (chans[:, None] * taps + np.arange(taps)).reshape(-1)
+                steps = self._packed_gemm().channel_steps(chans, taps)
             elif packed:
                 weight = self._packed_gemm().pack_gathered(self._taps(), rows, chans, w_buf, self.context) if (
                     gather_w) else self.gemm_panels
@@ -591,7 +603,7 @@ class ConvKernel:
                                     self.activation, self.context)
                     return
                 if rows is not None:
-                    _zero_other_rows(y, rows)
+                    self.micro.zero_other_rows(y, rows)
                 packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows, steps=steps)
                 return
             self._matmul(weight, b, values)
@@ -616,7 +628,7 @@ class ConvKernel:
             row_gemm(w, rows, b, y[:rows.size], None if self.bias is None else self.bias[rows], self.activation,
                      self.context, dest=all_indices(rows.size))
             return
-        _zero_other_rows(y, rows)
+        self.micro.zero_other_rows(y, rows)
         row_gemm(w, rows, b, y, self.bias, self.activation, self.context)
 
     def _gemm_operand(self, x: np.ndarray, flat: np.ndarray) -> np.ndarray:
@@ -819,13 +831,6 @@ class ConvKernel:
                 modes[i] = MODE_ZERO
                 modes[i, rows[i]] = kept
         return modes
-
-
-def _zero_other_rows(y: np.ndarray, rows: np.ndarray) -> None:
-    """y: (K, P); every row not in ``rows`` set to 0 (a gated conv's inactive output planes)."""
-    inactive = np.ones(y.shape[0], dtype=bool)
-    inactive[rows] = False
-    y[inactive] = 0.0
 
 
 def _row_blocks(g: ConvGeometry) -> list[tuple[int, int, int, int, ConvGeometry]]:
