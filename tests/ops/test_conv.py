@@ -586,6 +586,9 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
     monkeypatch.setattr(numpy_conv, "run_chunks", counting_run_chunks)
     monkeypatch.setattr(numpy_conv, "PARALLEL_GEMM_MACS", 0)  # small shapes, split anyway (the threshold is tuned)
     monkeypatch.setattr(numpy_conv, "PARALLEL_WINOGRAD_MACS", 0)  # F(4x4): the whole conv on the threads
+    if backend == "numba":  # the wide 1x1 ("columns") takes BLAS here, not the row GEMM (which splits itself)
+        row_gemm = pytest.importorskip("parsicore.kernels.numba_backend.row_gemm")
+        monkeypatch.setattr(row_gemm, "WIDE_MIN_COLUMNS", 1 << 62)
     c, k, size, kernel = {"rows": (64, 96, 6, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3),
                           "winograd_4x4": (64, 64, 28, 3)}[shape]
     pads = (kernel // 2,) * 4

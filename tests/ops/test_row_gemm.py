@@ -92,33 +92,48 @@ def test_row_gemm_rejects_mismatched_operands() -> None:
 _GUARDED = r"""
 import ctypes, mmap, sys
 import numpy as np
+from parsicore.kernels.base import Activation
 from parsicore.kernels.numba_backend import row_gemm
 page = mmap.PAGESIZE
-buf = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-if libc.mprotect(start + page, page, 0) != 0:  # PROT_NONE: any read of the second page faults
-    sys.exit(3)
-k, n = 7, int(sys.argv[1])
-first = np.frombuffer(buf, dtype=np.float32, count=page // 4)
-b = first[first.size - k * n:].reshape(k, n)  # B's last row ends where the guard page starts
+
+
+def guarded_tail(count):
+    # The last ``count`` floats of a page followed by one the process may neither read nor write (PROT_NONE).
+    buf = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if libc.mprotect(start + page, page, 0) != 0:
+        sys.exit(3)
+    first = np.frombuffer(buf, dtype=np.float32, count=page // 4)
+    return first[first.size - count:]
+
+
+k, n, act = 7, int(sys.argv[1]), sys.argv[2]
+b = guarded_tail(k * n).reshape(k, n)  # B's last row ends where a guard page starts
 b[:] = np.arange(k * n, dtype=np.float32).reshape(k, n) / (k * n)
 w = np.ones((8, k), dtype=np.float32)
 rows = np.arange(8, dtype=np.int64)
-out = np.empty((8, n), dtype=np.float32)
-row_gemm.row_gemm(w, rows, b, out)
-assert np.allclose(out, b.sum(axis=0)[None, :], rtol=1e-5)
+out = guarded_tail(8 * n).reshape(8, n)  # so does out's last row
+activation = None if act == "none" else Activation(act)
+row_gemm.row_gemm(w, rows, b, out, None, activation)
+want = np.repeat(b.sum(axis=0)[None, :], 8, axis=0)
+if act == "sigmoid":
+    want = 1.0 / (1.0 + np.exp(-want))
+assert np.allclose(out, want, rtol=1e-5)
 print("ok")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard page: Linux only")
+@pytest.mark.parametrize("act", ["none", "relu", "sigmoid"])
 @pytest.mark.parametrize("n", [1, 17, 49, 64, 70])
-def test_row_gemm_reads_nothing_past_b(n: int) -> None:
-    """B placed so that its last row ends at a page the process may not read: the masked loads past N must not
-    touch it (an unmasked read there kills the child process with SIGSEGV)."""
-    done = subprocess.run([sys.executable, "-c", _GUARDED, str(n)], capture_output=True, text=True, timeout=300)
+def test_row_gemm_touches_nothing_past_b_or_out(n: int, act: str) -> None:
+    """B and out placed so that their last rows end at a page the process may not touch: the masked loads past N,
+    and the stores past N of the tiles that finish to out (no activation, ReLU) or of the epilogue (sigmoid),
+    must not reach it (an unmasked access there kills the child process with SIGSEGV)."""
+    done = subprocess.run([sys.executable, "-c", _GUARDED, str(n), act], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
@@ -168,6 +183,43 @@ def test_conv_row_gated_paths_match_reference(threads: int, data: st.DataObject)
         y = _expand(y, active_out)
     want, scale = expected(case, active_out=active_out)
     assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@given(data=st.data())
+def test_conv_wide_row_gemm_dense_and_row_gated_match_reference(threads: int, data: st.DataObject) -> None:
+    """im2col and 1x1 convs taking the row GEMM as wide and shallow (forced at any size): dense calls on every row,
+    finished by the tiles themselves (no activation, ReLU, clip) or by the epilogue (the others), and calls gated by
+    output rows, against the reference, with the calls counted."""
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1"]))
+    case = data.draw(conv_cases(kind))
+    if case.attrs.groups != 1:
+        return
+    n, k = case.x.shape[0], case.out_shape[0]
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=thread_context(threads))
+    with constants_set(row_gemm, WIDE_MIN_COLUMNS=0, WIDE_MAX_DEPTH=1 << 30):
+        kernel = factories("numba")["Conv"](spec)
+    calls = _spied(kernel)
+    wide = kernel._wide  # not where the packed GEMM or the blocked im2col runs
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    assert calls == ([k] * n if wide else [])
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+    active_out = data.draw(channel_lists(k, n))
+    calls.clear()
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y], active_out=active_out)
+    assert calls == [rows.size for rows in active_out if wide and 0 < rows.size < k]
+    want, scale = expected(case, active_out=active_out)
+    assert_close(y, want, scale)
+
+
+def test_wide_takes_only_wide_and_shallow_gemms() -> None:
+    assert row_gemm.wide(16, 12544) and row_gemm.wide(row_gemm.WIDE_MAX_DEPTH, row_gemm.WIDE_MIN_COLUMNS)
+    assert not row_gemm.wide(row_gemm.WIDE_MAX_DEPTH + 1, 12544)  # deep: BLAS
+    assert not row_gemm.wide(64, row_gemm.WIDE_MIN_COLUMNS - 1)  # MobileNetV2's 14x14 stage: BLAS
 
 
 @pytest.mark.parametrize("tile", [2, 4])

@@ -575,6 +575,7 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       if packed_gemm.available() else None,
                                       row_gemm=row_gemm.row_gemm if row_gemm.ENABLED else None,
                                       row_gemm_pays=row_gemm.pays if row_gemm.ENABLED else None,
+                                      row_gemm_wide=row_gemm.wide if row_gemm.ENABLED else None,
                                       zero_other_rows=zero_other_rows)
 
 

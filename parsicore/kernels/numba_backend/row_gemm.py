@@ -11,8 +11,13 @@ the output *columns* instead, and each active weight row is a broadcast operand 
 Microkernel: ``ROWS`` rows (1..ROWS, a loop per count) by up to COLUMNS = VECTORS * LANES output columns,
 ROWS * VECTORS accumulator registers. Each step loads VECTORS vectors of B's row (masked past the last
 column, so no read passes the row's end) and broadcasts one weight per tile row: 10 loads for 24 FMAs,
-against the packed GEMM's 26 for 25. The lanes past N (N = 49: 15 of 64) are wasted, so it is for gated
-calls at N <= COLUMNS; wider N takes the gather.
+against the packed GEMM's 26 for 25. The lanes past N (N = 49: 15 of 64) are wasted. Without an activation,
+with ReLU or clip, the last K block's tile stores act(sum + bias) straight to the output rows (tile_finish,
+masked past N); other activations go through a tile buffer and the epilogue.
+
+Where it runs: gated calls at N <= COLUMNS and K >= MIN_DEPTH (:func:`pays`), and wide, shallow GEMMs, dense or
+gated, N >= WIDE_MIN_COLUMNS and K <= WIDE_MAX_DEPTH (:func:`wide`: MobileNetV2's 1x1 convs at 28x28 and
+larger), where BLAS writes its product and the epilogue reads and rewrites it.
 
 AVX-512 only (LANES 16), as packed_gemm.ENABLED: no board has timed it elsewhere.
 """
@@ -27,7 +32,7 @@ from numba.extending import intrinsic
 
 from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend import packed_gemm
-from parsicore.kernels.numba_backend.epilogue import activation_params, finish_span, zeros
+from parsicore.kernels.numba_backend.epilogue import CLIP, RELU, activation_params, finish_span, zeros
 from parsicore.kernels.numba_backend.packed_gemm import outer_update, step_loop
 from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel
 
@@ -56,8 +61,10 @@ ENABLED = packed_gemm.ENABLED
 MIN_DEPTH = 128
 
 
-def _emit_rows(builder, rows: int, w_ptr, offs_ptr, b_ptr, ldb_v, ncols_v, c_ptr, depth_v, acc_v) -> None:
-    """LLVM IR for one tile of ``rows`` weight rows (see tile), at the builder's position."""
+def _emit_rows(builder, rows: int, w_ptr, offs_ptr, b_ptr, ldb_v, ncols_v, c_ptr, depth_v, acc_v,
+               finish: tuple | None = None) -> None:
+    """LLVM IR for one tile of ``rows`` weight rows (see tile), at the builder's position. ``finish``: (out_ptr,
+    douts_ptr, bvals_ptr, lo, hi) to store the finished rows to out instead of the tile (see tile_finish)."""
     f32 = ir.FloatType()
     vec = ir.VectorType(f32, LANES)
     i64 = ir.IntType(64)
@@ -106,17 +113,66 @@ def _emit_rows(builder, rows: int, w_ptr, offs_ptr, b_ptr, ldb_v, ncols_v, c_ptr
     weights = [builder.load(builder.gep(row_ptrs[r], [step]), align=4) for r in range(rows)]
     updated = outer_update(builder, weights, b_vecs, tile)
     loop.close(builder, updated, depth_v)
+    if finish is None:
+        for r in range(rows):
+            for v in range(VECTORS):
+                builder.store(updated[r * VECTORS + v], c_slot(r, v), align=4)
+        return
+    out_ptr, douts_ptr, bvals_ptr, lo_v, hi_v = finish
+    masked_store = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), i32, mask_t]),
+        f"llvm.masked.store.v{LANES}f32.p0v{LANES}f32")
+    undef = ir.Constant(vec, ir.Undefined)
+
+    def splat_of(value):
+        return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef,
+                                      ir.Constant(lanes_i32, [0] * LANES))
+
+    lo, hi = splat_of(lo_v), splat_of(hi_v)
     for r in range(rows):
+        row_out = builder.gep(out_ptr, [builder.load(builder.gep(douts_ptr, [ir.Constant(i64, r)]))])
+        bias = splat_of(builder.load(builder.gep(bvals_ptr, [ir.Constant(i64, r)])))
         for v in range(VECTORS):
-            builder.store(updated[r * VECTORS + v], c_slot(r, v), align=4)
+            value = builder.fadd(updated[r * VECTORS + v], bias)
+            # Ordered compares: a NaN is neither below lo nor above hi, so it stays (as finish_span's selects).
+            value = builder.select(builder.fcmp_ordered("<", value, lo), lo, value)
+            value = builder.select(builder.fcmp_ordered(">", value, hi), hi, value)
+            target = builder.bitcast(builder.gep(row_out, [ir.Constant(i64, v * LANES)]), vec.as_pointer())
+            builder.call(masked_store, [value, target, ir.Constant(i32, 4), masks[v]])
+
+
+def _tile_codegen(context, builder, signature, args, finish: bool):
+    """The IR of :func:`tile` (finish False) or :func:`tile_finish`: one case per tile row count."""
+
+    def data(i):
+        return context.make_array(signature.args[i])(context, builder, args[i]).data
+
+    w_ptr = builder.gep(data(1), [args[2]])
+    offs_ptr = builder.gep(data(3), [args[4]])
+    b_ptr = builder.gep(data(5), [args[6]])
+    c_ptr = builder.gep(data(9), [args[10]])
+    # tile_finish: out at out_off; douts and bvals indexed as offs (from offs_at).
+    done = (builder.gep(data(13), [args[14]]), builder.gep(data(15), [args[4]]), builder.gep(data(16), [args[4]]),
+            args[17], args[18]) if finish else None
+    name = "row_gemm_finish" if finish else "row_gemm"
+    merge = builder.append_basic_block(f"{name}_merge")
+    switch = builder.switch(args[0], merge)
+    for count in range(ROWS, 0, -1):
+        case = builder.append_basic_block(f"{name}_rows{count}")
+        switch.add_case(ir.Constant(ir.IntType(64), count), case)
+        builder.position_at_end(case)
+        _emit_rows(builder, count, w_ptr, offs_ptr, b_ptr, args[7], args[8], c_ptr, args[11], args[12], done)
+        builder.branch(merge)
+    builder.position_at_end(merge)
+    return context.get_dummy_value()
 
 
 @intrinsic
 def tile(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate):
     """``tile(rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate)`` (the row GEMM's
-    microkernel, also the fused LKAM gate's bank1): tile row r <
-    ``rows`` (1..ROWS; another count does nothing) at c[c_off + r*COLUMNS:] (COLUMNS floats, all written; the
-    columns past ``ncols`` get 0 terms) = (accumulate ? itself : 0) + sum over ``depth`` (>= 1) steps t of
+    microkernel, also the fused LKAM gate's bank1): tile row r < ``rows`` (1..ROWS; another count does nothing) at
+    c[c_off + r*COLUMNS:] (COLUMNS floats, all written; the columns past ``ncols`` get 0 terms) = (accumulate ?
+    itself : 0) + sum over ``depth`` (>= 1) steps t of
     w[w_off + offs[offs_at + r] + t] * b[b_off + t*ldb : +ncols]. w, b, c: float32 1-D C-contiguous; offs: int64
     1-D with ROWS entries past the tile's (prefetched); no bounds checks (the caller keeps every access inside its
     arrays)."""
@@ -124,23 +180,25 @@ def tile(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_of
                      types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, signature, args):
-        def data(i):
-            return context.make_array(signature.args[i])(context, builder, args[i]).data
+        return _tile_codegen(context, builder, signature, args, False)
 
-        w_ptr = builder.gep(data(1), [args[2]])
-        offs_ptr = builder.gep(data(3), [args[4]])
-        b_ptr = builder.gep(data(5), [args[6]])
-        c_ptr = builder.gep(data(9), [args[10]])
-        merge = builder.append_basic_block("row_gemm_merge")
-        switch = builder.switch(args[0], merge)
-        for count in range(ROWS, 0, -1):
-            case = builder.append_basic_block(f"row_gemm_rows{count}")
-            switch.add_case(ir.Constant(ir.IntType(64), count), case)
-            builder.position_at_end(case)
-            _emit_rows(builder, count, w_ptr, offs_ptr, b_ptr, args[7], args[8], c_ptr, args[11], args[12])
-            builder.branch(merge)
-        builder.position_at_end(merge)
-        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def tile_finish(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, c, c_off, depth, accumulate, out,
+                out_off, douts, bvals, lo, hi):
+    """As :func:`tile` (the sums of earlier K blocks read from c when ``accumulate``), but each tile row r then
+    goes to out: out[out_off + douts[offs_at + r] + j] = clamp(sum + bvals[offs_at + r], lo, hi) for j < ncols
+    (masked stores: nothing past ncols is written; a NaN passes the clamps). lo/hi: float32 (-inf/+inf: no
+    activation; 0/+inf: ReLU; the bounds: clip). out: float32 1-D; douts: int64, bvals: float32, per tile row
+    (with the offs rows' indexing). c is not written."""
+    sig = types.void(types.intp, w, types.intp, offs, types.intp, b, types.intp, types.intp, types.intp, c,
+                     types.intp, types.intp, types.boolean, out, types.intp, douts, bvals, types.float32,
+                     types.float32)
+
+    def codegen(context, builder, signature, args):
+        return _tile_codegen(context, builder, signature, args, True)
 
     return sig, codegen
 
@@ -153,11 +211,22 @@ def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, 
     (X, depth, n); dest int64 (R,); out float32 flat (X, d_rows, n): out[x, dest[i]] = act(row i of slice x @ b[x]
     + bias[dest[i]]). Each slice's tiles of ROWS rows split into ``chunks`` (slices x chunks tasks over the
     threads); each task runs column blocks of COLUMNS, then K blocks of ``block`` steps (B's block stays in L1
-    while every tile of the task runs over it), then its tiles, and finishes each column block through the
-    epilogue."""
+    while every tile of the task runs over it), then its tiles. Without an activation, with ReLU or clip, the last
+    K block's tiles store their rows to out themselves (tile_finish); other activations finish each column block
+    through the epilogue."""
     r_total = dest.shape[0]
     groups = (r_total + ROWS - 1) // ROWS
     slices = b.shape[0] // (depth * n)
+    fused = code == 0 or code == RELU or code == CLIP
+    lo_f = np.float32(-np.inf) if code == 0 else (np.float32(0.0) if code == RELU else lo)
+    hi_f = np.float32(np.inf) if code != CLIP else hi
+    # Per active row (ROWS of slack, as offs): its offset in an output slice and its bias.
+    douts = np.zeros(r_total + ROWS, dtype=np.int64)
+    bvals = np.zeros(r_total + ROWS, dtype=np.float32)
+    for i in range(r_total):
+        douts[i] = dest[i] * n
+        if has_bias:
+            bvals[i] = bias[dest[i]]
     for task in numba.prange(slices * chunks):
         x = task // chunks
         g0, g1 = chunk_bounds(task % chunks, chunks, groups)
@@ -168,9 +237,17 @@ def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, 
         for c0 in range(0, n, COLUMNS):
             ncols = min(COLUMNS, n - c0)
             for k0 in range(0, depth, block):
+                finishing = fused and k0 + block >= depth
                 for g in range(g0, g1):
-                    tile(min(ROWS, r_total - g * ROWS), w, w0 + k0, offs, g * ROWS, b, b0 + k0 * n + c0, n, ncols,
-                           tiles, (g - g0) * ROWS * COLUMNS, min(block, depth - k0), k0 > 0)
+                    if finishing:
+                        tile_finish(min(ROWS, r_total - g * ROWS), w, w0 + k0, offs, g * ROWS, b, b0 + k0 * n + c0,
+                                    n, ncols, tiles, (g - g0) * ROWS * COLUMNS, min(block, depth - k0), k0 > 0, out,
+                                    o0 + c0, douts, bvals, lo_f, hi_f)
+                    else:
+                        tile(min(ROWS, r_total - g * ROWS), w, w0 + k0, offs, g * ROWS, b, b0 + k0 * n + c0, n,
+                             ncols, tiles, (g - g0) * ROWS * COLUMNS, min(block, depth - k0), k0 > 0)
+            if fused:
+                continue
             for g in range(g0, g1):
                 for i in range(min(ROWS, r_total - g * ROWS)):
                     row = dest[g * ROWS + i]
@@ -201,8 +278,25 @@ def _row_offsets(rows, k):
 
 
 def pays(depth: int, columns: int) -> bool:
-    """Whether a gated GEMM of ``depth`` steps by ``columns`` output columns takes the row GEMM here."""
+    """Whether a gated GEMM of ``depth`` steps by ``columns`` output columns takes the row GEMM here (narrow and
+    deep; the wide and shallow ones of :func:`wide` as well, where the conv asks)."""
     return ENABLED and depth >= MIN_DEPTH and columns <= COLUMNS
+
+
+#: Dense or gated GEMMs with at least WIDE_MIN_COLUMNS columns and at most WIDE_MAX_DEPTH steps (1x1 convs at
+#: 28x28 and larger: MobileNetV2's expands and projects) take the row GEMM: its last K block's tiles store
+#: act(sum + bias) straight to the output rows, where BLAS writes its product and the epilogue then reads and
+#: rewrites it. Each dense 1x1 conv of MobileNetV2 hot, against its BLAS + epilogue (one-off, 1 thread): N 12544
+#: 0.71x (K 32) and 0.77x (K 16); N 3136 0.76-0.85x (K 24, 96), 0.94x (K 144); N 784 0.86-0.88x (K 32),
+#: 0.94-0.95x (K 144, 192); but N 196 1.05-1.24x slower (K 64-576); and at N 784, K 1152 1.25x slower.
+WIDE_MIN_COLUMNS = 784
+WIDE_MAX_DEPTH = 192
+
+
+def wide(depth: int, columns: int) -> bool:
+    """Whether a dense or gated GEMM of ``depth`` steps by ``columns`` output columns takes the row GEMM here as
+    wide and shallow."""
+    return ENABLED and columns >= WIDE_MIN_COLUMNS and depth <= WIDE_MAX_DEPTH
 
 
 def _require() -> None:

@@ -335,6 +335,9 @@ class ConvMicrokernels:
     #: weight rows read in place (no gather), where row_gemm_pays(K, N). None: gathered rows and BLAS.
     row_gemm: Callable[..., None] | None = None
     row_gemm_pays: Callable[[int, int], bool] | None = None
+    #: (K, N) -> whether an im2col or 1x1 GEMM, dense or gated by output rows, takes row_gemm as wide and shallow
+    #: (None: never).
+    row_gemm_wide: Callable[[int, int], bool] | None = None
     #: (y (K, P), rows (R,) sorted): the rows not in ``rows`` set to 0.
     zero_other_rows: Callable[[np.ndarray, np.ndarray], None] = zero_other_rows
 
@@ -407,6 +410,10 @@ class ConvKernel:
             # for gated calls. Every other use of them is on paths a packed conv never takes.
             del self.packed, self.packed_2d, self.taps
         self.in_shape = (geom.c, geom.h, geom.w)
+        #: Wide and shallow (micro.row_gemm_wide): the dense GEMM and the output-gated ones take the row GEMM.
+        self._wide = bool(self.path in ("im2col_gemm", "gemm_1x1") and geom.groups == 1 and self.row_blocks is None
+                          and self.gemm_panels is None and micro.row_gemm_wide is not None
+                          and micro.row_gemm_wide(geom.c * geom.kh * geom.kw, geom.pixels))
         if self.path == "winograd_3x3":
             #: Output tile size: F(2x2, 3x3) or F(4x4, 3x3) (winograd.tile_size); slices = (m + 2)^2 GEMMs.
             self.winograd_tile = winograd.tile_size(geom.c, geom.k, geom.ho, geom.wo)
@@ -482,6 +489,14 @@ class ConvKernel:
                 packed_gemm.run(self.gemm_panels, g.k, b, y[i].reshape(g.k, g.pixels), self.bias, self.activation,
                                 self.context)
             return
+        if self._wide:  # the backend's row GEMM on every row, the epilogue fused
+            assert self.micro.row_gemm is not None
+            (flat,) = self.context.scratch(0 if g.is_pointwise else g.c * g.kh * g.kw * g.pixels)
+            every = all_indices(g.k)
+            for i in range(n):
+                self.micro.row_gemm(self.packed_2d, every, self._gemm_operand(x[i], flat),
+                                    y[i].reshape(g.k, g.pixels), self.bias, self.activation, self.context)
+            return
         out = y.reshape(n, g.groups, g.kg, g.pixels)
         cols = None
         if not g.is_pointwise:
@@ -544,7 +559,7 @@ class ConvKernel:
         compact_in = compact_in and chans is not None
         compact_out = compact_out and rows is not None
         if rows is not None and chans is None and self.micro.row_gemm_pays is not None and (
-                self.micro.row_gemm_pays(n_cols, g.pixels)):
+                self.micro.row_gemm_pays(n_cols, g.pixels) or self._wide):
             self._gated_rows_in_place(x, y, rows, compact_out)
             return
         gather_w = rows is not None or chans is not None
