@@ -11,7 +11,8 @@ a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS)
 inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's packed GEMM against OpenBLAS
 (dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
 cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
-rows gathered against row_gemm reading them in place. Every variant's output is checked against the first's.
+rows gathered against row_gemm reading them in place, and dense wide 1x1 GEMMs (OpenBLAS + epilogue against the
+row GEMM finishing its own tiles). Every variant's output is checked against the first's.
 The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
 
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import parsicore  # noqa: E402
 from parsicore.builder import ModelBuilder  # noqa: E402
-from parsicore.kernels.base import KernelContext, KernelSpec  # noqa: E402
+from parsicore.kernels.base import Activation, KernelContext, KernelSpec  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
 from parsicore.kernels.numba_backend import packed_gemm, row_gemm  # noqa: E402
@@ -344,6 +345,38 @@ def row_gemms(rng: np.random.Generator, rounds: int) -> None:
         row(f"{what} ({sets} weight sets in turn)", a_name, "row GEMM", alternate(gathered, in_place, rounds))
 
 
+def wide_row_gemms(rng: np.random.Generator, rounds: int) -> None:
+    """Dense wide, shallow 1x1 GEMMs (MobileNetV2's expands and projects, bias + ReLU6): OpenBLAS then the numba
+    epilogue, against row_gemm with the epilogue in its tiles (row_gemm.wide takes it at N >= 784, K <= 192)."""
+    if not row_gemm.ENABLED:
+        print("| wide row GEMM | not built on this machine (needs the 16-lane packed GEMM tile) | | |")
+        return
+    context = KernelContext()
+    context.threads = 1
+    relu6 = Activation("clip", lo=0.0, hi=6.0)
+    for m, k, n in [(96, 16, 12544), (16, 32, 12544), (144, 24, 3136), (24, 144, 3136), (192, 32, 784),
+                    (32, 192, 784), (384, 64, 196)]:
+        w = rng.standard_normal((m, k), dtype=np.float32) / np.float32(np.sqrt(k))
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        bias = rng.standard_normal(m).astype(np.float32)
+        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        every = np.arange(m, dtype=np.int64)
+
+        def blas(w=w, b=b, bias=bias, o1=o1) -> None:
+            np.matmul(w, b, out=o1)
+            numba_conv.bias_activation(o1[None], bias, relu6, context)
+
+        def rows(w=w, b=b, bias=bias, o2=o2, every=every) -> None:
+            row_gemm.row_gemm(w, every, b, o2, bias, relu6, context)
+
+        blas()
+        rows()
+        np.testing.assert_allclose(o2, o1, rtol=1e-3, atol=1e-3)
+        taken = "taken" if row_gemm.wide(k, n) else "not taken"
+        row(f"dense 1x1 GEMM {m}x{k} by {n} + bias + ReLU6 (row_gemm.wide: {taken})", "OpenBLAS + epilogue",
+            "row GEMM", alternate(blas, rows, rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -363,7 +396,8 @@ def main() -> None:
 
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
-         "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms}
+         "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms,
+         "wide_row_gemm": wide_row_gemms}
 
 
 if __name__ == "__main__":
