@@ -308,24 +308,29 @@ def test_conv_winograd_gated_route_per_image(backend: str) -> None:
     assert_close(y, want, scale)
 
 
-@pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3"])
+@pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3", "taps3x3_rows"])
 @given(data=st.data())
 def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObject) -> None:
     """The numba backend's three depthwise kernels, dense and gated: 3x3 taps in one pass over phase planes
-    (dilation 1, stride 1 or 2), else flat padded planes for large outputs and channels-last blocks for
-    output planes of at most SMALL_PLANE pixels."""
+    (dilation 1, stride 1 or 2; ``taps3x3_rows``: every output row straight from its taps, bias and clamp, as
+    rows of FUSED_DEPTHWISE_MIN_WIDTH or more take it without an activation, with ReLU or clip; ``taps3x3``:
+    never), else flat padded planes for large outputs and channels-last blocks for output planes of at most
+    SMALL_PLANE pixels."""
     numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
     small = numba_conv.SMALL_PLANE
-    bounds = {"planes": (small + 1, 10_000), "blocks": (1, small), "taps3x3": (1, 10_000)}[path]
-    case = data.draw(depthwise_cases(*bounds, taps3x3=path == "taps3x3"))
-    assume(numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == path)
+    taps = path.startswith("taps3x3")
+    bounds = (1, 10_000) if taps else {"planes": (small + 1, 10_000), "blocks": (1, small)}[path]
+    case = data.draw(depthwise_cases(*bounds, taps3x3=taps))
+    assume(numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == ("taps3x3" if taps else path))
     n, c = case.x.shape[:2]
     gating = data.draw(st.sampled_from(["dense", "rows", "columns", "both"]))
     active_out = data.draw(channel_lists(c, n)) if gating in ("rows", "both") else None
     active_in = data.draw(channel_lists(c, n)) if gating in ("columns", "both") else None
     x = case.x if active_in is None else zero_inactive(case.x, active_in, fill=np.nan)
     want, scale = expected(case, active_out=active_out, active_in=active_in)
-    got = run_kernel("numba", case, x, active_out=active_out, active_in=active_in)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_conv, "FUSED_DEPTHWISE_MIN_WIDTH", 1 if path == "taps3x3_rows" else 1 << 30)
+        got = run_kernel("numba", case, x, active_out=active_out, active_in=active_in)
     assert_close(got, want, scale)
 
 

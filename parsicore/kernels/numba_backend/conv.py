@@ -26,6 +26,8 @@ import numpy as np
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
 from parsicore.kernels.numba_backend import epilogue, packed_gemm, row_gemm, winograd
 from parsicore.kernels.numba_backend.epilogue import (
+    CLIP,
+    RELU,
     activate_value,
     activation_params,
     all_indices,
@@ -341,9 +343,16 @@ def _depthwise_planes_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h,
                 finish_row(dst, dst, b, code, alpha, beta, lo, hi)
 
 
+#: Output rows at least this wide take the 3x3 depthwise kernel's fused row loop (no activation, ReLU or clip),
+#: else its accumulator pass. MobileNetV2's depthwise convs hot, 1 thread (one-off): 32 ch 112x112 334 -> 251 us,
+#: 96 ch 112 -> 56 (stride 2) 454 -> 388, 144 ch 56x56 314 -> 259; with 28 the 28-wide ones ran 118 -> 170 us
+#: (a row of 28 is 3.5 vectors: remainder loops).
+FUSED_DEPTHWISE_MIN_WIDTH = 56
+
+
 @serial_and_parallel
-def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows, pitch, chunks, code, alpha, beta,
-                          lo, hi, out):
+def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows, pitch, chunks, fused_width, code,
+                          alpha, beta, lo, hi, out):
     """3x3 taps, dilation 1, the same stride (1 or 2) both ways. x: float32 (N, C, H, W) C-contiguous;
     filters: (C, 3, 3); bias: (C,); modes: int8 (N, C) -> out: float32 (N, C, Ho, Wo) C-contiguous.
 
@@ -352,7 +361,8 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     (r % stride, q % stride) at row r // stride, column q // stride), so at stride 2 every tap is a
     unit-stride read and only the kept outputs are computed, and the planes are allocated once per chunk of
     channels: their zero padding is never written, so it stays zero from one channel to the next. Indices
-    are unsigned: Numba then drops the negative-index wrap-around that stops LLVM from vectorising.
+    are unsigned: Numba then drops the negative-index wrap-around that stops LLVM from vectorising. Without an
+    activation, with ReLU or clip, output rows of ``fused_width`` or more go straight from the taps to out.
     """
     n_images, c_count, h, w = x.shape
     _, _, ho, wo = out.shape
@@ -375,6 +385,9 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     o6 = (u(2) % s) * s * plane + (u(2) // s) * p
     o7 = o6 + o1
     o8 = o6 + o2
+    clamped = (code == 0 or code == RELU or code == CLIP) and wo >= fused_width
+    lo_f = np.float32(-np.inf) if code == 0 else (np.float32(0.0) if code == RELU else lo)
+    hi_f = np.float32(np.inf) if code != CLIP else hi
     for chunk in numba.prange(chunks):
         phases = np.zeros(int(s * s * plane), dtype=np.float32)
         acc = np.empty(int(length), dtype=np.float32)
@@ -397,17 +410,37 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
                         phases[ph_index] = xf[src + u(q)]
                 else:
                     # input column 2t + e lands on padded column 2t + e + left: phase (e + left) % 2,
-                    # column t + (e + left) // 2
-                    for e in range(2):
-                        col = u(e + left)
-                        dst = row + (col % s) * plane + col // s
-                        first = src + u(e)
-                        for t in range((w - e + 1) // 2):
-                            phases[dst + u(t)] = xf[first + s * u(t)]
+                    # column t + (e + left) // 2. Both column phases in one loop with the literal stride 2 (an
+                    # interleaved load LLVM vectorises; one loop per phase with the run-time stride did not).
+                    col = u(left)
+                    dst_even = row + (col % u(2)) * plane + col // u(2)  # input columns 2t
+                    col = u(1 + left)
+                    dst_odd = row + (col % u(2)) * plane + col // u(2)  # input columns 2t + 1
+                    pairs = w // 2
+                    for t in range(u(pairs)):
+                        phases[dst_even + t] = xf[src + u(2) * t]
+                        phases[dst_odd + t] = xf[src + u(2) * t + u(1)]
+                    if w % 2:
+                        phases[dst_even + u(pairs)] = xf[src + u(2) * u(pairs)]
             f0 = u(9) * u(c)
             w0, w1, w2 = ff[f0], ff[f0 + u(1)], ff[f0 + u(2)]
             w3, w4, w5 = ff[f0 + u(3)], ff[f0 + u(4)], ff[f0 + u(5)]
             w6, w7, w8 = ff[f0 + u(6)], ff[f0 + u(7)], ff[f0 + u(8)]
+            if clamped:
+                # No activation, ReLU or clip on rows of ``fused_width`` or more: each output row straight
+                # from its taps, bias and clamp (finish_span's selects), no accumulator pass and no copy-out.
+                b = bias[c]
+                d = u(task) * u(ho) * u(wo)
+                for oh in range(ho):
+                    a = u(oh) * p
+                    for ow in range(u(wo)):
+                        q = a + ow
+                        v = (w0 * phases[q + o0] + w1 * phases[q + o1] + w2 * phases[q + o2]
+                             + w3 * phases[q + o3] + w4 * phases[q + o4] + w5 * phases[q + o5]
+                             + w6 * phases[q + o6] + w7 * phases[q + o7] + w8 * phases[q + o8]) + b
+                        of[d + ow] = lo_f if v < lo_f else (hi_f if v > hi_f else v)
+                    d += u(wo)
+                continue
             for q in range(length):
                 acc[q] = (w0 * phases[q + o0] + w1 * phases[q + o1] + w2 * phases[q + o2]
                           + w3 * phases[q + o3] + w4 * phases[q + o4] + w5 * phases[q + o5]
@@ -547,7 +580,7 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
         # (384x14x14 in ~80 us), and split over 2 threads MobileNetV2 224's depthwise convs lost more in their
         # reader (the next 1x1 GEMM, on this core, reading planes written on the other) than they gained.
         _depthwise_3x3_kernel(threads, out.size, x, filters, bias, modes, sh, g.top, g.left, phase_rows, pitch,
-                              chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
+                              chunk_count(n * g.c), FUSED_DEPTHWISE_MIN_WIDTH, code, alpha, beta, lo, hi, out)
         return
     # Phase planes hold every padded row/column an input lands in and every one a tap reads, + 1 row of
     # slack: the accumulator loop runs past the last output row's last column.
