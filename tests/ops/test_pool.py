@@ -139,6 +139,20 @@ def test_max_pool_matches_reference(backend: str, case: PoolCase) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", [dict(kernel=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)),
+                                      dict(kernel=(2, 2), stride=(2, 2)), dict(kernel=(3, 3), stride=(2, 1)),
+                                      dict(kernel=(2, 2), stride=(1, 2), pads=(0, 1, 1, 0))])
+@given(seed=st.integers(0, 2**16), h=st.integers(3, 40), w=st.integers(3, 70))
+def test_max_pool_stride_two_rows_match_reference(backend: str, geometry: dict, seed: int, h: int, w: int) -> None:
+    """2x2 and 3x3 windows at column stride 2 (ResNet's stem pool, the small CNNs' pools), whose interior rows
+    the numba kernel reads with a literal stride, at widths with many interior windows, against the reference."""
+    attrs = MaxPoolAttrs(**geometry)
+    x = seeded_array(seed, (1, 3, h, w))
+    (want,) = OPS["MaxPool"].reference(attrs, [x], {})
+    np.testing.assert_array_equal(run_kernel(backend, "MaxPool", attrs, x, want.shape[1:]), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(case=pool_cases("AveragePool"))
 def test_average_pool_matches_reference(backend: str, case: PoolCase) -> None:
     (want,) = OPS["AveragePool"].reference(case.attrs, [case.x], {})
