@@ -352,6 +352,32 @@ def test_conv_im2col_numba_kernels_match_reference(path: str, data: st.DataObjec
     assert_close(got, want, scale)
 
 
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("left", [0, 1, 2, 3])
+@pytest.mark.parametrize("width", [7, 8, 15, 33])
+def test_conv_im2col_rows_kernel_at_stride_two_matches_reference(kernel: int, left: int, width: int) -> None:
+    """The row-copy im2col at column stride 2 (ResNet's stem and its stride-2 3x3 convs): every input row split
+    into its even and odd columns, odd and even widths, every column padding, so that taps read the last column
+    of either parity; against the reference."""
+    numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    if kernel > width + 2 * left:
+        return
+    attrs = ConvAttrs(stride=(2, 2), pads=(1, left, 1, left))
+    c, k, h = 2, 3, 9
+    x = seeded_array(31, (1, c, h, width))
+    weight = seeded_array(32, (k, c, kernel, kernel), scale=0.3)
+    ho = (h + 2 - kernel) // 2 + 1
+    wo = (width + 2 * left - kernel) // 2 + 1
+    if ho < 1:
+        return
+    case = ConvCase(attrs, x, weight, seeded_array(33, (k,)), None, (k, ho, wo))
+    want, scale = expected(case)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_conv, "GATHER_IM2COL_MAX_WIDTH", -1)  # the row-copy kernel at every width
+        got = run_kernel("numba", case)
+    assert_close(got, want, scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=conv_cases("grouped"))
 def test_conv_grouped_im2col_gemm_matches_reference(backend: str, case: ConvCase) -> None:

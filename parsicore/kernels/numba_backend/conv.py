@@ -89,10 +89,13 @@ def _im2col_kernel(x, channels, kh, kw, stride_h, stride_w, dil_h, dil_w, top, l
                 row = plane_start + u(ih) * u(w)
                 even = u(ih) * u(half)
                 odd = u(h * half) + even
-                for t in range(half):
-                    source[even + u(t)] = xf[row + u(2) * u(t)]
-                for t in range(w // 2):
-                    source[odd + u(t)] = xf[row + u(2) * u(t) + u(1)]
+                # Both parities in one loop (an interleaved load LLVM vectorises; one loop per parity did not).
+                pairs = u(w // 2)
+                for t in range(pairs):
+                    source[even + t] = xf[row + u(2) * t]
+                    source[odd + t] = xf[row + u(2) * t + u(1)]
+                if w % 2:
+                    source[even + pairs] = xf[row + u(2) * pairs]
             base = u(0)
             pitch = half
         else:
