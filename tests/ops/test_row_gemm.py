@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from parsicore.kernels import factories
 from parsicore.kernels.base import Activation, KernelSpec, apply_activation
 from parsicore.kernels.numpy_backend import winograd
+from parsicore.ops.conv import ConvAttrs
 from tests.ops._strategies_conv import (
+    ConvCase,
     activations,
     channel_lists,
     constants_set,
@@ -26,7 +28,7 @@ from tests.ops._strategies_conv import (
     winograd_cases,
     winograd_tile,
 )
-from tests.ops.test_conv import _expand, assert_close, expected
+from tests.ops.test_conv import _expand, assert_close, expected, zero_inactive
 from tests.strategies import seeded_array
 
 row_gemm = pytest.importorskip("parsicore.kernels.numba_backend.row_gemm")
@@ -189,17 +191,23 @@ def test_conv_row_gated_paths_match_reference(threads: int, data: st.DataObject)
 @given(data=st.data())
 def test_conv_wide_row_gemm_dense_and_row_gated_match_reference(threads: int, data: st.DataObject) -> None:
     """im2col and 1x1 convs taking the row GEMM as wide and shallow (forced at any size): dense calls on every row,
-    finished by the tiles themselves (no activation, ReLU, clip) or by the epilogue (the others), and calls gated by
-    output rows, against the reference, with the calls counted."""
+    finished by the tiles themselves (no activation, ReLU, clip) or by the epilogue (the others), calls gated by
+    output rows, and calls gated by input channels (with or without rows: the weight columns gathered), against the
+    reference, with the calls counted."""
     kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1"]))
     case = data.draw(conv_cases(kind))
     if case.attrs.groups != 1:
         return
-    n, k = case.x.shape[0], case.out_shape[0]
     spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
                       activation=case.activation, context=thread_context(threads))
     with constants_set(row_gemm, WIDE_MIN_COLUMNS=0, WIDE_MAX_DEPTH=1 << 30):
-        kernel = factories("numba")["Conv"](spec)
+        _wide_calls(case, spec, data)
+
+
+def _wide_calls(case, spec, data) -> None:  # type: ignore[no-untyped-def]
+    """The body of the test above, with the wide rule forced (gated calls apply it at call time)."""
+    n, k = case.x.shape[0], case.out_shape[0]
+    kernel = factories("numba")["Conv"](spec)
     calls = _spied(kernel)
     wide = kernel._wide  # not where the packed GEMM or the blocked im2col runs
     y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
@@ -211,8 +219,51 @@ def test_conv_wide_row_gemm_dense_and_row_gated_match_reference(threads: int, da
     calls.clear()
     y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
     kernel([case.x], [y], active_out=active_out)
-    assert calls == [rows.size for rows in active_out if wide and 0 < rows.size < k]
+    assert calls == [rows.size for rows in active_out if wide and rows.size > 0]  # all rows on: dense, same GEMM
     want, scale = expected(case, active_out=active_out)
+    assert_close(y, want, scale)
+    # Gated by input channels, with or without output rows: the active weight columns gathered, then the row GEMM
+    c = case.in_shape[0]
+    active_in = data.draw(channel_lists(c, n))
+    rows_too = data.draw(st.booleans())
+    compact_out = rows_too and data.draw(st.booleans())  # the active rows into the output's first planes
+    calls.clear()
+    x = zero_inactive(case.x, active_in, fill=np.nan)
+    y = np.full((n, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([x], [y], active_in=active_in, active_out=active_out if rows_too else None, compact_out=compact_out)
+    if wide and any(0 < chans.size < c and (not rows_too or rows.size > 0)
+                    for chans, rows in zip(active_in, active_out)):
+        assert calls, "an input-gated wide call should take the row GEMM"
+    if compact_out:
+        y = _expand(y, active_out)
+    want, scale = expected(case, active_out=active_out if rows_too else None, active_in=active_in)
+    assert_close(y, want, scale)
+
+
+@pytest.mark.parametrize("compact_out", [False, True])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_conv_wide_row_gemm_gated_by_channels_and_rows(compact_out: bool, kernel_size: int) -> None:
+    """An input-gated call that also gates scattered output rows, through the wide row GEMM (forced): the gathered
+    weight rows and columns, the bias of each active row (compact output: the active rows' biases in order), the
+    other planes 0, against the reference."""
+    c, k, side = 8, 6, 9
+    attrs = ConvAttrs(pads=(kernel_size // 2,) * 4)
+    case = ConvCase(attrs, seeded_array(40, (1, c, side, side)), seeded_array(41, (k, c, kernel_size, kernel_size)),
+                    seeded_array(42, (k,)), Activation("relu"), (k, side, side))
+    active_in, active_out = [np.array([1, 3, 4], np.int64)], [np.array([0, 2, 5], np.int64)]
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,),
+                      activation=case.activation, context=thread_context(1))
+    with constants_set(row_gemm, WIDE_MIN_COLUMNS=0, WIDE_MAX_DEPTH=1 << 30):
+        kernel = factories("numba")["Conv"](spec)
+        calls = _spied(kernel)
+        y = np.full((1, *case.out_shape), np.nan, dtype=np.float32)
+        kernel([zero_inactive(case.x, active_in, fill=np.nan)], [y], active_in=active_in, active_out=active_out,
+               compact_out=compact_out)
+    assert calls == [3]
+    if compact_out:
+        assert np.isnan(y[0, 3:]).all(), "planes past the active channels must stay unwritten"
+        y = _expand(y, active_out)
+    want, scale = expected(case, active_out=active_out, active_in=active_in)
     assert_close(y, want, scale)
 
 

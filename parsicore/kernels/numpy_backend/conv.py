@@ -621,6 +621,19 @@ class ConvKernel:
                     self.micro.zero_other_rows(y, rows)
                 packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows, steps=steps)
                 return
+            if self.micro.row_gemm_wide is not None and self.micro.row_gemm_wide(n_cols, g.pixels):
+                # Wide and shallow: the backend's row GEMM on the (gathered) weights, its tiles finishing the rows.
+                assert self.micro.row_gemm is not None
+                b = np.ascontiguousarray(b)
+                every = all_indices(n_rows)
+                if compact_out:
+                    self.micro.row_gemm(weight, every, b, values, None if self.bias is None else self.bias[rows],
+                                        self.activation, self.context)
+                    return
+                if rows is not None:
+                    self.micro.zero_other_rows(y, rows)
+                self.micro.row_gemm(weight, every, b, y, self.bias, self.activation, self.context, dest=rows)
+                return
             self._matmul(weight, b, values)
         if rows is None:
             self.micro.bias_activation(y[None], self.bias, self.activation, self.context)
