@@ -1,7 +1,7 @@
 """How much of one model call is kernels and how much is Python: every Numba dispatch and ``np.matmul`` of one
 call is recorded per step, then the model's call and the replay of those leaf calls alone are timed in turn::
 
-    python scripts/profile_overhead.py MODEL.h5 [CALLS]
+    python scripts/profile_overhead.py MODEL.h5 [CALLS]     # CALLS timed calls, default 300
 
 Prints the model's median latency, the sum of the steps' kernel times (each step's kernel wrapped in a timer),
 the leaf replay's median, and per step its kernel time beside its leaves' time. Model minus steps is the
@@ -10,6 +10,7 @@ runtime loop's Python; steps minus leaves is the Python inside the kernels' wrap
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import time
@@ -21,12 +22,22 @@ from numba.core.registry import CPUDispatcher
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parsicore  # noqa: E402
+from parsicore.errors import ParsicoreError  # noqa: E402
 
 
 def main() -> None:
-    path = sys.argv[1]
-    calls_timed = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-    model = parsicore.load(path, backend="numba", threads=1)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a parsicore model file (.h5)")
+    ap.add_argument("calls", nargs="?", type=int, default=300, help="timed calls (default 300)")
+    args = ap.parse_args()
+    path = args.model
+    calls_timed = args.calls
+    if calls_timed < 1:
+        ap.error("calls must be at least 1")
+    try:
+        model = parsicore.load(path, backend="numba", threads=1)
+    except ParsicoreError as e:
+        ap.exit(2, f"profile_overhead.py: error: {e}\n")
     x = np.random.default_rng(0).standard_normal((1, *model.inputs[0].shape[1:]), dtype=np.float32)
     for _ in range(10):
         model(x)
