@@ -26,12 +26,11 @@ import numpy as np
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
 from parsicore.kernels.numba_backend import epilogue, packed_gemm, row_gemm, winograd
 from parsicore.kernels.numba_backend.epilogue import (
-    CLIP,
-    RELU,
     activate_value,
     activation_params,
     all_indices,
     bias_activation_rows,
+    clamp_bounds,
     finish_row,
     scatter_rows,
     zeros,
@@ -388,9 +387,8 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
     o6 = (u(2) % s) * s * plane + (u(2) // s) * p
     o7 = o6 + o1
     o8 = o6 + o2
-    clamped = (code == 0 or code == RELU or code == CLIP) and wo >= fused_width
-    lo_f = np.float32(-np.inf) if code == 0 else (np.float32(0.0) if code == RELU else lo)
-    hi_f = np.float32(np.inf) if code != CLIP else hi
+    clamps, lo_f, hi_f = clamp_bounds(code, lo, hi)
+    clamped = clamps and wo >= fused_width
     for chunk in numba.prange(chunks):
         phases = np.zeros(int(s * s * plane), dtype=np.float32)
         acc = np.empty(int(length), dtype=np.float32)

@@ -86,6 +86,17 @@ def activate_value(v, code, alpha, beta, lo, hi):
 
 
 @jit_inline
+def clamp_bounds(code, lo, hi):
+    """(whether activation ``code`` is a clamp, its float32 bounds): no activation -inf/+inf, ReLU 0/+inf, clip
+    lo/hi. Kernels that finish values in their own loops apply ``lo_f if v < lo_f else (hi_f if v > hi_f else v)``
+    (finish_span's selects: a NaN passes) where this says so, and finish_span otherwise."""
+    clamps = code == 0 or code == RELU or code == CLIP
+    lo_f = np.float32(-np.inf) if code == 0 else (np.float32(0.0) if code == RELU else lo)
+    hi_f = np.float32(np.inf) if code != CLIP else hi
+    return clamps, lo_f, hi_f
+
+
+@jit_inline
 def finish_span(src, s0, dst, d0, count, b, code, alpha, beta, lo, hi):
     """dst[d0 + i] = act(src[s0 + i] + b) for i < count: float32 1-D arrays, offsets and count unsigned (src may
     be dst). Kernels finishing many short rows index one flat array with this instead of slicing a view per

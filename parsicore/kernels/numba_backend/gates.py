@@ -231,9 +231,7 @@ def make_lkam_gate(spec: KernelSpec) -> Kernel:
     pixels = int(np.prod(spec.in_shapes[0][1:], dtype=np.int64))
     if row_gemm.ENABLED and pixels >= FUSED_MIN_PIXELS and not (two_banks and use_max):
         w1_flat = w1.reshape(-1)
-        offs = np.empty(hidden + ROWS, dtype=np.int64)
-        offs[:hidden] = np.arange(hidden, dtype=np.int64) * c
-        offs[hidden:] = offs[hidden - 1]
+        offs = row_gemm.row_offsets(np.arange(hidden, dtype=np.int64), c)
         chunks = min(POOL_CHUNKS, -(-pixels // COLUMNS))
         block = row_gemm.DEPTH
 

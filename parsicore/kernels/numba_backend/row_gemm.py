@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend import packed_gemm
-from parsicore.kernels.numba_backend.epilogue import CLIP, RELU, activation_params, finish_span, zeros
+from parsicore.kernels.numba_backend.epilogue import activation_params, clamp_bounds, finish_span, zeros
 from parsicore.kernels.numba_backend.packed_gemm import outer_update, step_loop
 from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel
 
@@ -217,9 +217,7 @@ def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, 
     r_total = dest.shape[0]
     groups = (r_total + ROWS - 1) // ROWS
     slices = b.shape[0] // (depth * n)
-    fused = code == 0 or code == RELU or code == CLIP
-    lo_f = np.float32(-np.inf) if code == 0 else (np.float32(0.0) if code == RELU else lo)
-    hi_f = np.float32(np.inf) if code != CLIP else hi
+    fused, lo_f, hi_f = clamp_bounds(code, lo, hi)
     # Per active row (ROWS of slack, as offs): its offset in an output slice and its bias.
     douts = np.zeros(r_total + ROWS, dtype=np.int64)
     bvals = np.zeros(r_total + ROWS, dtype=np.float32)
@@ -266,8 +264,9 @@ def _within(values, limit):
 
 
 @jit
-def _row_offsets(rows, k):
-    """int64 (R + ROWS,): rows[i] * k, then ROWS copies of the last (the slack the microkernel prefetches)."""
+def row_offsets(rows, k):
+    """int64 (R + ROWS,): rows[i] * k, then ROWS copies of the last (the slack the microkernel prefetches): the
+    ``offs`` of :func:`tile` for rows of ``k`` weights."""
     r = rows.shape[0]
     offs = np.empty(r + ROWS, dtype=np.int64)
     for i in range(r):
@@ -340,7 +339,7 @@ def row_gemm(w: np.ndarray, rows: np.ndarray, b: np.ndarray, out: np.ndarray, bi
     run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
     workers = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     chunks = min(-(-rows.size // ROWS), -(-workers // slices)) if run_parallel else 1
-    offs = _row_offsets(rows, k)
+    offs = row_offsets(rows, k)
     _row_gemm_kernel(threads, macs if run_parallel else 0, w.reshape(-1), m * k, offs, k, DEPTH, b.reshape(-1), n,
                      dest, d_rows, bias if bias is not None else zeros(d_rows), bias is not None, code, alpha, beta,
                      lo, hi, chunks, out.reshape(-1))

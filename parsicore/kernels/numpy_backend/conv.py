@@ -572,17 +572,21 @@ class ConvKernel:
         in_place = self.gemm_panels is not None and n_cols > 0 and rows is None and chans is not None
         packed = in_place or (self.gemm_panels is not None and n_cols > 0 and (
             not gather_w or self._packed_gemm().pays(n_rows, n_cols, g.pixels)))
+        # Wide and shallow at the active depth: the backend's row GEMM on the (gathered) weights, its tiles finishing
+        # the rows (no values buffer, no epilogue pass).
+        wide = not packed and n_cols > 0 and self.micro.row_gemm_wide is not None and (
+            self.micro.row_gemm_wide(n_cols, g.pixels))
         if packed:
             w_size = self._packed_gemm().packed_size(n_rows, n_cols) if gather_w and not in_place else 0
         else:
             w_size = n_rows * n_cols if gather_w else 0
         w_buf, col_buf, val_buf = self.context.scratch(
             w_size, n_cols * g.pixels if build_cols else 0,
-            n_rows * g.pixels if rows is not None and not compact_out and not packed else 0)
+            n_rows * g.pixels if rows is not None and not compact_out and not packed and not wide else 0)
         if compact_out:
             values = y[:n_rows]
         else:
-            values = y if rows is None or packed else val_buf.reshape(n_rows, g.pixels)
+            values = y if rows is None or packed or wide else val_buf.reshape(n_rows, g.pixels)
         if n_cols == 0:
             values.fill(0.0)  # every input channel is off: the conv is its bias
         else:
@@ -621,8 +625,7 @@ class ConvKernel:
                     self.micro.zero_other_rows(y, rows)
                 packed_gemm.run(weight, n_rows, b, y, self.bias, self.activation, self.context, rows, steps=steps)
                 return
-            if self.micro.row_gemm_wide is not None and self.micro.row_gemm_wide(n_cols, g.pixels):
-                # Wide and shallow: the backend's row GEMM on the (gathered) weights, its tiles finishing the rows.
+            if wide:
                 assert self.micro.row_gemm is not None
                 b = np.ascontiguousarray(b)
                 every = all_indices(n_rows)
