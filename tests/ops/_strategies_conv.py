@@ -164,10 +164,12 @@ def pool_cases(draw: st.DrawFn, op: str, torch_compatible: bool = False) -> Pool
 
 @st.composite
 def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_000,
-                    taps3x3: bool = False) -> ConvCase:
+                    taps3x3: bool = False, pad_one: bool = False) -> ConvCase:
     """A depthwise Conv whose output plane has between min_pixels and max_pixels positions (the numba
     backend picks its depthwise kernel by output size): spatial up to 24, strides 1..3, dilation 1..2.
-    taps3x3: only 3x3 kernels, dilation 1, the same stride 1 or 2 both ways (the numba 3x3 kernel's cases)."""
+    taps3x3: only 3x3 kernels, dilation 1, the same stride 1 or 2 both ways (the numba 3x3 kernel's cases).
+    pad_one (with taps3x3): padding 1 above and to the left, at stride 1 also below and to the right, at
+    stride 2 0 or 1 there on an even width (the numba flat 3x3 kernel's cases: MobileNetV2's convs)."""
     n = draw(st.integers(1, 2))
     c = draw(st.integers(1, 12))
     if taps3x3:
@@ -177,9 +179,15 @@ def depthwise_cases(draw: st.DrawFn, min_pixels: int = 1, max_pixels: int = 10_0
         kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
         stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
         dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    h = max(draw(st.integers(1, 24)), dilation[0] * (kernel[0] - 1) + 1 - pads[0] - pads[2], 1)
-    w = max(draw(st.integers(1, 24)), dilation[1] * (kernel[1] - 1) + 1 - pads[1] - pads[3], 1)
+    if pad_one:
+        ends = (1, 1) if stride[0] == 1 else (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+        pads = (1, 1, *ends)
+        h = max(draw(st.integers(1, 24)), 2 - ends[0])  # the padded input fits the kernel
+        w = draw(st.integers(1, 24)) if stride[1] == 1 else 2 * draw(st.integers(1, 12))
+    else:
+        pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+        h = max(draw(st.integers(1, 24)), dilation[0] * (kernel[0] - 1) + 1 - pads[0] - pads[2], 1)
+        w = max(draw(st.integers(1, 24)), dilation[1] * (kernel[1] - 1) + 1 - pads[1] - pads[3], 1)
     out_shape = (c, conv_output_size(h, kernel[0], stride[0], dilation[0], pads[0], pads[2]),
                  conv_output_size(w, kernel[1], stride[1], dilation[1], pads[1], pads[3]))
     assume(min_pixels <= out_shape[1] * out_shape[2] <= max_pixels)

@@ -4,6 +4,7 @@ backend against the reference (im2col-GEMM, 1x1 GEMM, depthwise, grouped, gated 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -308,20 +309,22 @@ def test_conv_winograd_gated_route_per_image(backend: str) -> None:
     assert_close(y, want, scale)
 
 
-@pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3", "taps3x3_rows"])
+@pytest.mark.parametrize("path", ["planes", "blocks", "taps3x3", "taps3x3_rows", "flat3x3"])
 @given(data=st.data())
 def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObject) -> None:
-    """The numba backend's three depthwise kernels, dense and gated: 3x3 taps in one pass over phase planes
-    (dilation 1, stride 1 or 2; ``taps3x3_rows``: every output row straight from its taps, bias and clamp, as
-    rows of FUSED_DEPTHWISE_MIN_WIDTH or more take it without an activation, with ReLU or clip; ``taps3x3``:
-    never), else flat padded planes for large outputs and channels-last blocks for output planes of at most
-    SMALL_PLANE pixels."""
+    """The numba backend's four depthwise kernels, dense and gated: 3x3 taps (dilation 1, stride 1 or 2) on
+    flat planes with no per-row loops where padding is 1 above and to the left (``flat3x3``: stride 1 to
+    the input's size, or stride 2 on even widths), else in one pass over phase planes (``taps3x3_rows``:
+    every output row straight from its taps, bias and clamp, as rows of FUSED_DEPTHWISE_MIN_WIDTH or more
+    take it without an activation, with ReLU or clip; ``taps3x3``: never); other kernels on flat padded
+    planes for large outputs and channels-last blocks for output planes of at most SMALL_PLANE pixels."""
     numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
     small = numba_conv.SMALL_PLANE
-    taps = path.startswith("taps3x3")
+    taps = path.startswith("taps3x3") or path == "flat3x3"
     bounds = (1, 10_000) if taps else {"planes": (small + 1, 10_000), "blocks": (1, small)}[path]
-    case = data.draw(depthwise_cases(*bounds, taps3x3=taps))
-    assume(numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == ("taps3x3" if taps else path))
+    case = data.draw(depthwise_cases(*bounds, taps3x3=taps, pad_one=path == "flat3x3"))
+    want_path = "taps3x3" if path.startswith("taps3x3") else path
+    assume(numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == want_path)
     n, c = case.x.shape[:2]
     gating = data.draw(st.sampled_from(["dense", "rows", "columns", "both"]))
     active_out = data.draw(channel_lists(c, n)) if gating in ("rows", "both") else None
@@ -332,6 +335,59 @@ def test_conv_depthwise_numba_paths_match_reference(path: str, data: st.DataObje
         patch.setattr(numba_conv, "FUSED_DEPTHWISE_MIN_WIDTH", 1 if path == "taps3x3_rows" else 1 << 30)
         got = run_kernel("numba", case, x, active_out=active_out, active_in=active_in)
     assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("stride, size, bottom", [(1, 7, 1), (1, 14, 1), (1, 1, 1), (1, 5, 1), (2, 14, 1),
+                                                  (2, 28, 0), (2, 13, 1), (2, 2, 0), (2, 6, 1)])
+@pytest.mark.parametrize("act", [None, "clip", "leaky_relu"])
+def test_conv_depthwise_flat_3x3_edges_and_non_finite_inputs(stride: int, size: int, bottom: int,
+                                                            act: str | None) -> None:
+    """The flat 3x3 depthwise kernel at MobileNetV2's plane sizes and small ones, with inf and NaN in the
+    first and last column and row of some planes: its left and right taps of the edge columns read the
+    neighbouring row and must drop it, not multiply it by 0 (inf * 0 is NaN). Against the reference, outputs
+    NaN-filled beforehand, every element compared, non-finite ones where the reference has them."""
+    numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    c, h = 6, size
+    w = size if stride == 1 or size % 2 == 0 else size + 1
+    x = seeded_array(41, (2, c, h, w))
+    x[0, 1, :, -1] = np.inf
+    x[0, 2, :, 0] = -np.inf
+    x[1, 3, 0, :] = np.nan
+    x[1, 4, -1, :] = np.inf
+    x[1, 5, h // 2, w - 1] = np.nan
+    attrs = ConvAttrs(stride=(stride, stride), pads=(1, 1, bottom, bottom), groups=c)
+    ho = (h + 1 + bottom - 3) // stride + 1
+    wo = (w + 1 + bottom - 3) // stride + 1
+    activation = {None: None, "clip": Activation("clip", lo=0.0, hi=6.0),
+                  "leaky_relu": Activation("leaky_relu", alpha=0.1)}[act]
+    case = ConvCase(attrs, x, seeded_array(42, (c, 1, 3, 3)), seeded_array(43, (c,)), activation, (c, ho, wo))
+    assert numba_conv.depthwise_path(ConvGeometry.from_spec(_spec(case))) == "flat3x3"
+    with np.errstate(invalid="ignore", over="ignore"):
+        want, _ = expected(case)
+    got = run_kernel("numba", case)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    scale = max(1.0, float(np.abs(x[np.isfinite(x)]).max()))
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_depthwise_3x3_every_small_geometry_matches_reference(stride: int) -> None:
+    """Every padding 0..2 on each side of 5- and 6-high and wide planes, 3x3 depthwise: whichever kernel the
+    numba backend picks for the geometry (the flat one only where flat_3x3_fits says so) matches the
+    reference, so a rule that admits a geometry its kernel does not serve fails here."""
+    pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    c = 2
+    for pads in itertools.product(range(3), repeat=4):
+        for h, w in itertools.product((5, 6), repeat=2):
+            ho = (h + pads[0] + pads[2] - 3) // stride + 1
+            wo = (w + pads[1] + pads[3] - 3) // stride + 1
+            seed = 50 + sum(pads) + h + w
+            case = ConvCase(ConvAttrs(stride=(stride, stride), pads=pads, groups=c), seeded_array(seed, (1, c, h, w)),
+                            seeded_array(seed + 1, (c, 1, 3, 3)), seeded_array(seed + 2, (c,)), None, (c, ho, wo))
+            want, scale = expected(case)
+            assert_close(run_kernel("numba", case), want, scale)
 
 
 @pytest.mark.parametrize("path", ["rows", "gather"])

@@ -52,10 +52,12 @@ def test_conv_depthwise_planes_parallel_build_matches_reference(case) -> None:
     assert_close(run_kernel("numba", case), want, scale)
 
 
+@pytest.mark.parametrize("pad_one", [False, True])
 @given(data=st.data())
-def test_conv_depthwise_3x3_parallel_build_matches_reference(data: st.DataObject) -> None:
-    """The 3x3 kernel's chunks of channels on the pool's threads, dense and gated."""
-    case = data.draw(depthwise_cases(taps3x3=True))
+def test_conv_depthwise_3x3_parallel_build_matches_reference(pad_one: bool, data: st.DataObject) -> None:
+    """The 3x3 kernels' chunks of channels on the pool's threads, dense and gated (pad_one: the flat kernel's
+    cases)."""
+    case = data.draw(depthwise_cases(taps3x3=True, pad_one=pad_one))
     n, c = case.x.shape[:2]
     active_out = data.draw(st.one_of(st.none(), channel_lists(c, n)))
     active_in = data.draw(st.one_of(st.none(), channel_lists(c, n)))

@@ -32,6 +32,7 @@ from parsicore.kernels.numba_backend.epilogue import (
     bias_activation_rows,
     clamp_bounds,
     finish_row,
+    finish_span,
     scatter_rows,
     zeros,
 )
@@ -345,6 +346,14 @@ def _depthwise_planes_kernel(x, filters, bias, modes, stride_h, stride_w, dil_h,
                 finish_row(dst, dst, b, code, alpha, beta, lo, hi)
 
 
+@jit_inline
+def _nine_taps(ff, c):
+    """Channel c's 3x3 filter as nine scalars (ff: float32 (C*9,), the filters flat)."""
+    f0 = np.uint64(9) * np.uint64(c)
+    return (ff[f0], ff[f0 + np.uint64(1)], ff[f0 + np.uint64(2)], ff[f0 + np.uint64(3)], ff[f0 + np.uint64(4)],
+            ff[f0 + np.uint64(5)], ff[f0 + np.uint64(6)], ff[f0 + np.uint64(7)], ff[f0 + np.uint64(8)])
+
+
 #: Output rows at least this wide take the 3x3 depthwise kernel's fused row loop (no activation, ReLU or clip),
 #: else its accumulator pass. MobileNetV2's depthwise convs hot, 1 thread (one-off): 32 ch 112x112 334 -> 251 us,
 #: 96 ch 112 -> 56 (stride 2) 454 -> 388, 144 ch 56x56 314 -> 259; with 28 the 28-wide ones ran 118 -> 170 us
@@ -423,10 +432,7 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
                         phases[dst_odd + t] = xf[src + u(2) * t + u(1)]
                     if w % 2:
                         phases[dst_even + u(pairs)] = xf[src + u(2) * u(pairs)]
-            f0 = u(9) * u(c)
-            w0, w1, w2 = ff[f0], ff[f0 + u(1)], ff[f0 + u(2)]
-            w3, w4, w5 = ff[f0 + u(3)], ff[f0 + u(4)], ff[f0 + u(5)]
-            w6, w7, w8 = ff[f0 + u(6)], ff[f0 + u(7)], ff[f0 + u(8)]
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = _nine_taps(ff, c)
             if clamped:
                 # No activation, ReLU or clip on rows of ``fused_width`` or more: each output row straight
                 # from its taps, bias and clamp (finish_span's selects), no accumulator pass and no copy-out.
@@ -456,6 +462,138 @@ def _depthwise_3x3_kernel(x, filters, bias, modes, stride, top, left, phase_rows
                 for ow in range(wo):
                     of[d + u(ow)] = acc[a + u(ow)]
                 d += u(wo)
+
+
+@jit_inline
+def _edge_masks(rows, pitch, first, last, left_ok, right_ok):
+    """left_ok / right_ok: bool (rows * pitch,) set to whether flat position o's column o % pitch is not
+    ``first`` / not ``last`` (row by row: a modulo per element would cost more than the pass it serves)."""
+    for r in range(rows):
+        left_ok[r * pitch:(r + 1) * pitch] = True
+        right_ok[r * pitch:(r + 1) * pitch] = True
+        left_ok[r * pitch + first] = False
+        right_ok[r * pitch + last] = False
+
+
+@jit_inline
+def _flat_taps(e, o, w, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok, right_ok):
+    """The stride-1 flat kernel's nine taps of output o (unsigned; e: the plane at offset w + 1, pitch w)."""
+    q = o + np.uint64(1)  # e[q] is input (y - 1, x): tap (i, j) at q + i*w + j - 1
+    w_2 = w + w
+    v = w1 * e[q] + w4 * e[q + w] + w7 * e[q + w_2]
+    left = w0 * e[q - np.uint64(1)] + w3 * e[q + w - np.uint64(1)] + w6 * e[q + w_2 - np.uint64(1)]
+    right = w2 * e[q + np.uint64(1)] + w5 * e[q + w + np.uint64(1)] + w8 * e[q + w_2 + np.uint64(1)]
+    zero = np.float32(0.0)
+    return v + (left if left_ok else zero) + (right if right_ok else zero)
+
+
+@jit_inline
+def _deinterleaved_taps(e, od, q, wo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok):
+    """The stride-2 flat kernel's nine taps at position q (unsigned) of the even- and odd-column buffers."""
+    v = w4 * e[q] + w7 * e[q + wo] + w1 * e[q - wo] + w5 * od[q] + w8 * od[q + wo] + w2 * od[q - wo]
+    one = np.uint64(1)
+    left = w3 * od[q - one] + w6 * od[q + wo - one] + w0 * od[q - wo - one]
+    return v + (left if left_ok else np.float32(0.0))
+
+
+@serial_and_parallel
+def _depthwise_3x3_flat_kernel(x, filters, bias, modes, stride, chunks, code, alpha, beta, lo, hi, out):
+    """3x3 taps, dilation 1, padding 1 above and to the left; stride 1 (out (Ho, Wo) = (H, W)) or 2 (W even,
+    Wo = W / 2, any Ho: rows past the input read zeros). x: float32 (N, C, H, W) C-contiguous; filters:
+    (C, 3, 3); bias: (C,); modes: int8 (N, C) -> out: float32 (N, C, Ho, Wo) C-contiguous.
+
+    No per-row loops on the input side: every plane pass is one unit-stride loop over a whole flat plane,
+    so 7x7 and 14x14 planes vectorise as well as large ones.
+
+    Stride 1: the plane is copied whole into a flat buffer at offset W + 1 behind one zero row (and followed
+    by one), pitch W, no padding columns; output o reads the buffer at o + i*W + j. The left taps (j = 0) of
+    column 0 and the right taps (j = 2) of column W - 1 read the neighbouring row's end instead of padding;
+    they are dropped by a select (not a multiply by 0: the wrapped value may be inf or NaN), and each output
+    is written once, straight to out.
+
+    Stride 2: padded row 2y + i - 1, column 2x + j - 1. With W even, a flat index's parity is its column's,
+    so one deinterleaving loop over the plane gives E[k] = x[2k] (even columns) and O[k] = x[2k + 1] (odd);
+    in E, each pair of rows (2y, 2y + 1) is the run [row 2y's even columns | row 2y + 1's], W long. On the
+    grid g = y*W + x (x < W, only x < Wo kept) every tap is then unit-stride: rows 2y / 2y + 1 / 2y - 1 are
+    E or O at g / g + Wo / g - Wo, the column left of 2x is O at - 1. The grid's right halves (x >= Wo) are
+    computed and dropped as the rows are copied out.
+    """
+    n_images, c_count, h, w = x.shape
+    _, _, ho, wo = out.shape
+    u = np.uint64
+    uw = u(w)
+    uwo = u(wo)
+    hw = u(h) * uw
+    how = u(ho) * uwo
+    xf = x.reshape(-1)
+    ff = filters.reshape(-1)
+    of = out.reshape(-1)
+    tasks = n_images * c_count
+    clamps, lo_f, hi_f = clamp_bounds(code, lo, hi)
+    if stride == 1:
+        grid = hw
+        lead = uw + u(1)  # one zero row and the left neighbour of the first element
+        size = lead + grid + uw + u(1)
+    else:
+        grid = u(ho) * uw
+        lead = uwo + u(1)
+        size = lead + grid + uwo + u(1)
+    grid_n = np.int64(grid)  # signed: Numba unifies int64 and uint64 as float64
+    size_n = np.int64(size)
+    second_n = 0 if stride == 1 else size_n  # stride 2's O buffer and accumulator
+    acc_n = 0 if stride == 1 else grid_n
+    left_ok = np.empty(grid_n, dtype=np.bool_)
+    right_ok = np.empty(grid_n, dtype=np.bool_)
+    _edge_masks(grid_n // w, w, 0, w - 1, left_ok, right_ok)
+    for chunk in numba.prange(chunks):
+        # Zeroed once per chunk: only the plane's own positions are ever written, so the rest stays zero.
+        e = np.zeros(size_n, dtype=np.float32)
+        od = np.zeros(second_n, dtype=np.float32)
+        acc = np.empty(acc_n, dtype=np.float32)
+        start, stop = chunk_bounds(chunk, chunks, tasks)
+        for task in range(start, stop):
+            n = task // c_count
+            c = task % c_count
+            if modes[n, c] != MODE_COMPUTE:
+                _fill_skipped(out[n, c], modes[n, c], bias[c], code, alpha, beta, lo, hi)
+                continue
+            src = u(task) * hw
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = _nine_taps(ff, c)
+            b = bias[c]
+            d = u(task) * how
+            if stride == 1:
+                for q in range(hw):
+                    e[lead + q] = xf[src + q]
+                # The same loop twice (clamp inline, or raw sums and finish_span after): LLVM did not unswitch
+                # a branch inside it, which cost ~10 %.
+                if clamps:
+                    for o in range(grid):
+                        v = _flat_taps(e, o, uw, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok[o], right_ok[o]) + b
+                        of[d + o] = lo_f if v < lo_f else (hi_f if v > hi_f else v)
+                else:
+                    for o in range(grid):
+                        of[d + o] = _flat_taps(e, o, uw, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok[o], right_ok[o])
+                    finish_span(of, d, of, d, how, b, code, alpha, beta, lo, hi)
+                continue
+            half = hw // u(2)
+            for k in range(half):
+                e[lead + k] = xf[src + u(2) * k]
+                od[lead + k] = xf[src + u(2) * k + u(1)]
+            if clamps:
+                for g in range(grid):
+                    v = _deinterleaved_taps(e, od, lead + g, uwo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok[g]) + b
+                    acc[g] = lo_f if v < lo_f else (hi_f if v > hi_f else v)
+            else:
+                for g in range(grid):
+                    acc[g] = _deinterleaved_taps(e, od, lead + g, uwo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_ok[g])
+            for y in range(u(ho)):
+                a = y * uw
+                if clamps:
+                    for t in range(uwo):
+                        of[d + t] = acc[a + t]
+                else:
+                    finish_span(acc, a, of, d, uwo, b, code, alpha, beta, lo, hi)
+                d += uwo
 
 
 #: Channels per block of the channels-last depthwise kernel: 4 AVX-512 registers of float32. A literal in
@@ -532,13 +670,27 @@ SMALL_PLANE = 64
 
 
 def depthwise_path(geom: ConvGeometry) -> str:
-    """Which depthwise kernel serves ``geom``: ``taps3x3`` (3x3, dilation 1, stride 1 or 2 both ways: measured
-    0.5-0.9x the time of the other two at MobileNetV2's shapes, 7x7 to 112x112), else ``blocks`` (channels-last,
-    small output planes) or ``planes``."""
+    """Which depthwise kernel serves ``geom``: 3x3, dilation 1, stride 1 or 2 both ways: ``flat3x3`` where
+    flat_3x3_fits, else ``taps3x3`` (measured 0.5-0.9x the time of the other two at MobileNetV2's shapes, 7x7
+    to 112x112); others ``blocks`` (channels-last, small output planes) or ``planes``."""
     g = geom
     if (g.kh, g.kw, g.dil_h, g.dil_w) == (3, 3, 1, 1) and g.stride_h == g.stride_w and g.stride_h in (1, 2):
-        return "taps3x3"
+        return "flat3x3" if flat_3x3_fits(g) else "taps3x3"
     return "blocks" if g.pixels <= SMALL_PLANE else "planes"
+
+
+def flat_3x3_fits(geom: ConvGeometry) -> bool:
+    """Whether _depthwise_3x3_flat_kernel serves a 3x3, dilation-1 depthwise ``geom``: padding 1 above and to
+    the left and either stride 1 with the output the input's size, or stride 2 on an even width W with W / 2
+    outputs per row (right padding 0 or 1), fewer than FUSED_DEPTHWISE_MIN_WIDTH (wider ones keep the taps3x3
+    kernel's fused rows: at 112 -> 56 the flat kernel took 447 us against 357, at 56 -> 28 125 against 172;
+    one-off, hot, 1 thread)."""
+    g = geom
+    if (g.top, g.left) != (1, 1):
+        return False
+    if g.stride_h == 1:
+        return (g.ho, g.wo) == (g.h, g.w)
+    return g.w % 2 == 0 and g.wo == g.w // 2 and g.wo < FUSED_DEPTHWISE_MIN_WIDTH
 
 
 def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
@@ -572,6 +724,11 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     if modes is None:
         modes = np.full((n, g.c), MODE_COMPUTE, dtype=np.int8)
     sh, sw = g.stride_h, g.stride_w
+    if path == "flat3x3":
+        # Work as for taps3x3 below: elements written.
+        _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, modes, sh, chunk_count(n * g.c), code,
+                                   alpha, beta, lo, hi, out)
+        return
     if path == "taps3x3":
         # Phase planes hold every padded row/column an input lands in and every one an output's taps read
         # (row oh + i // s, column ow + j // s), + 1 row of slack: the pass runs over whole rows of pitch.
