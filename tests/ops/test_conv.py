@@ -510,11 +510,18 @@ def _expand(y: np.ndarray, lists: list[np.ndarray]) -> np.ndarray:
 def test_conv_channel_compact_layouts_match_reference(backend: str, data: st.DataObject) -> None:
     """compact_in (the active input channels packed in the first planes) and compact_out (the active output
     channels written to the first planes, the other planes left alone) on every path that takes them
-    (im2col, 1x1, Winograd, depthwise), against the dense reference with masked channels."""
-    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "winograd_3x3", "winograd_4x4", "depthwise"]))
-    case = data.draw(winograd_cases() if kind.startswith("winograd") else conv_cases(kind))
+    (im2col, 1x1, Winograd, depthwise; ``depthwise_flat``: the 3x3 geometries of numba's flat kernel, which
+    reads the active channels' filters in place), against the dense reference with masked channels."""
+    kind = data.draw(st.sampled_from(["im2col_gemm", "gemm_1x1", "winograd_3x3", "winograd_4x4", "depthwise",
+                                      "depthwise_flat"]))
+    if kind.startswith("winograd"):
+        case = data.draw(winograd_cases())
+    elif kind == "depthwise_flat":
+        case = data.draw(depthwise_cases(taps3x3=True, pad_one=True))
+    else:
+        case = data.draw(conv_cases(kind))
     tile = 4 if kind == "winograd_4x4" else 2
-    kind = "winograd_3x3" if kind.startswith("winograd") else kind
+    kind = {"winograd_4x4": "winograd_3x3", "depthwise_flat": "depthwise"}.get(kind, kind)
     assert path_of(case) == kind
     n, c, k = case.x.shape[0], case.in_shape[0], case.out_shape[0]
     compact_in, compact_out = data.draw(st.sampled_from([(True, False), (False, True), (True, True)]))

@@ -20,6 +20,8 @@ columns are dropped when the epilogue writes the output). See _depthwise_planes_
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -497,10 +499,11 @@ def _deinterleaved_taps(e, od, q, wo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_o
 
 
 @serial_and_parallel
-def _depthwise_3x3_flat_kernel(x, filters, bias, modes, stride, chunks, code, alpha, beta, lo, hi, out):
+def _depthwise_3x3_flat_kernel(x, filters, bias, channels, modes, stride, chunks, code, alpha, beta, lo, hi, out):
     """3x3 taps, dilation 1, padding 1 above and to the left; stride 1 (out (Ho, Wo) = (H, W)) or 2 (W even,
     Wo = W / 2, any Ho: rows past the input read zeros). x: float32 (N, C, H, W) C-contiguous; filters:
-    (C, 3, 3); bias: (C,); modes: int8 (N, C) -> out: float32 (N, C, Ho, Wo) C-contiguous.
+    (F, 3, 3); bias: (F,); channels: int64 (C,), plane c's filter and bias (< F: a gated conv's active
+    channels, read in place); modes: int8 (N, C) -> out: float32 (N, C, Ho, Wo) C-contiguous.
 
     No per-row loops on the input side: every plane pass is one unit-stride loop over a whole flat plane,
     so 7x7 and 14x14 planes vectorise as well as large ones.
@@ -554,12 +557,13 @@ def _depthwise_3x3_flat_kernel(x, filters, bias, modes, stride, chunks, code, al
         for task in range(start, stop):
             n = task // c_count
             c = task % c_count
+            fc = channels[c]
             if modes[n, c] != MODE_COMPUTE:
-                _fill_skipped(out[n, c], modes[n, c], bias[c], code, alpha, beta, lo, hi)
+                _fill_skipped(out[n, c], modes[n, c], bias[fc], code, alpha, beta, lo, hi)
                 continue
             src = u(task) * hw
-            w0, w1, w2, w3, w4, w5, w6, w7, w8 = _nine_taps(ff, c)
-            b = bias[c]
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = _nine_taps(ff, fc)
+            b = bias[fc]
             d = u(task) * how
             if stride == 1:
                 for q in range(hw):
@@ -669,6 +673,13 @@ def _depthwise_blocks_kernel(x, filters_t, bias, compute, stride_h, stride_w, di
 SMALL_PLANE = 64
 
 
+@functools.lru_cache(maxsize=64)
+def _all_compute(n: int, c: int) -> np.ndarray:
+    """int8 (n, c) of MODE_COMPUTE: a dense call's modes (cached and shared like all_indices: np.full cost ~1 us
+    a call)."""
+    return np.full((n, c), MODE_COMPUTE, dtype=np.int8)
+
+
 def depthwise_path(geom: ConvGeometry) -> str:
     """Which depthwise kernel serves ``geom``: 3x3, dilation 1, stride 1 or 2 both ways: ``flat3x3`` where
     flat_3x3_fits, else ``taps3x3`` (measured 0.5-0.9x the time of the other two at MobileNetV2's shapes, 7x7
@@ -695,15 +706,24 @@ def flat_3x3_fits(geom: ConvGeometry) -> bool:
 
 def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
               modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
-              context: KernelContext | None = None) -> None:
+              context: KernelContext | None = None, channels: np.ndarray | None = None) -> None:
     """As numpy_backend.conv.depthwise: x: float32 (N, C, H, W) -> out: float32 (N, C, Ho, Wo)."""
     g = geom
     n = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bias = zeros(g.c) if bias is None else bias
+    bias = zeros(filters.shape[0]) if bias is None else bias
     code, alpha, beta, lo, hi = activation_params(act)
     threads = _threads(context)
     path = depthwise_path(g)
+    if path == "flat3x3":  # reads the filters of ``channels`` in place
+        channels = all_indices(g.c) if channels is None else np.ascontiguousarray(channels, dtype=np.int64)
+        modes = _all_compute(n, g.c) if modes is None else modes
+        # Work as for taps3x3 below: elements written.
+        _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, channels, modes, g.stride_h,
+                                   chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
+        return
+    if channels is not None:
+        filters, bias = filters[channels], bias[channels]
     if path == "blocks":
         filters_t = np.ascontiguousarray(filters.reshape(g.c, -1).T)
         for i in range(n):
@@ -724,11 +744,6 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     if modes is None:
         modes = np.full((n, g.c), MODE_COMPUTE, dtype=np.int8)
     sh, sw = g.stride_h, g.stride_w
-    if path == "flat3x3":
-        # Work as for taps3x3 below: elements written.
-        _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, modes, sh, chunk_count(n * g.c), code,
-                                   alpha, beta, lo, hi, out)
-        return
     if path == "taps3x3":
         # Phase planes hold every padded row/column an input lands in and every one an output's taps read
         # (row oh + i // s, column ow + j // s), + 1 row of slack: the pass runs over whole rows of pitch.

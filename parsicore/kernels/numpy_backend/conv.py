@@ -257,9 +257,13 @@ def _depthwise_taps(x: np.ndarray, filters: np.ndarray, geom: ConvGeometry, out:
 
 def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: Activation | None,
               modes: np.ndarray | None, geom: ConvGeometry, out: np.ndarray,
-              context: KernelContext | None = None) -> None:
+              context: KernelContext | None = None, channels: np.ndarray | None = None) -> None:
     """Depthwise conv with its epilogue. x: float32 (N, C, H, W); filters: (C, kh, kw); bias: (C,) or None;
-    modes: int8 (N, C) of MODE_* or None (compute all) -> out: float32 (N, C, Ho, Wo), written completely."""
+    modes: int8 (N, C) of MODE_* or None (compute all) -> out: float32 (N, C, Ho, Wo), written completely.
+    channels: int64 (C,) or None: plane c takes filters[channels[c]] and bias[channels[c]] (filters and bias
+    then (F, kh, kw) and (F,): a gated conv's active channels, which a backend may read in place)."""
+    if channels is not None:
+        filters, bias = filters[channels], None if bias is None else bias[channels]
     n = x.shape[0]
     if modes is None:
         _depthwise_taps(x, filters, geom, out)
@@ -847,8 +851,8 @@ class ConvKernel:
         if sub is None:  # dataclasses.replace costs ~4 us a call: one geometry per active count, kept
             sub = self._depthwise_sub[r] = replace(g, c=r, k=r, groups=r)
         planes = x[:, :r] if compact_in else x[:, rows]
-        self.micro.depthwise(planes, self.filters[rows], None if self.bias is None else self.bias[rows],
-                             self.activation, None, sub, y[:, :r], self.context)
+        self.micro.depthwise(planes, self.filters, self.bias, self.activation, None, sub, y[:, :r], self.context,
+                             channels=rows)
 
     def _depthwise_modes(self, n: int, rows: list[np.ndarray] | None, chans: list[np.ndarray] | None) -> np.ndarray:
         """int8 (N, C): MODE_ZERO for inactive outputs, else MODE_BIAS for inactive inputs, else MODE_COMPUTE."""
