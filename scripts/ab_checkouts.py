@@ -3,6 +3,7 @@ turn, round by round (A B, B A, A B, ...), so a change in the machine's speed hi
 
     git worktree add /tmp/base <commit>
     python scripts/ab_checkouts.py MODEL.h5 /tmp/base . [--rounds 20] [--calls 50] [--threads 1]
+    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --env-b "OMP_WAIT_POLICY= GOMP_SPINCOUNT=20000"
 
 Prints each checkout's median latency and the median (and range) of the per-round ratios B/A: the ratio is
 the figure to trust on a shared machine, whose speed here changed by up to 1.5x within minutes.
@@ -46,11 +47,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calls", type=int, default=50, help="calls per engine and round (median taken)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--env-a", default="", metavar="'VAR=VALUE ...'",
+                    help="environment variables for A's worker only (space-separated; A and B may then be one "
+                         "checkout: an A/B of thread-pool settings read at start-up)")
+    ap.add_argument("--env-b", default="", metavar="'VAR=VALUE ...'", help="the same for B's worker")
     args = ap.parse_args()
+    extra = []
+    for option, text in (("--env-a", args.env_a), ("--env-b", args.env_b)):
+        pairs = [item.partition("=") for item in text.split()]
+        if any(not name or sep != "=" for name, sep, _ in pairs):
+            ap.error(f"{option} wants VAR=VALUE items, got {text!r}")
+        extra.append({name: value for name, _, value in pairs})
+    if not args.model.is_file():
+        ap.error(f"no model file {args.model}")
     workers = []
-    for checkout in (args.a, args.b):
+    for checkout, env_extra in zip((args.a, args.b), extra):
         root = str(checkout.resolve())
-        env = {**os.environ, "PYTHONPATH": root}
+        env = {**os.environ, **env_extra, "PYTHONPATH": root}
         workers.append(subprocess.Popen([sys.executable, "-c", WORKER, root, str(args.model.resolve()),
                                          str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env))
