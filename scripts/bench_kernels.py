@@ -11,8 +11,9 @@ a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS)
 inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's packed GEMM against OpenBLAS
 (dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
 cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
-rows gathered against row_gemm reading them in place, and dense wide 1x1 GEMMs (OpenBLAS + epilogue against the
-row GEMM finishing its own tiles). Every variant's output is checked against the first's.
+rows gathered against row_gemm reading them in place, dense wide 1x1 GEMMs (OpenBLAS + epilogue against the
+row GEMM finishing its own tiles), and 3x3 depthwise convs (phase planes against flat planes). Every variant's
+output is checked against the first's.
 The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
 
@@ -377,6 +378,40 @@ def wide_row_gemms(rng: np.random.Generator, rounds: int) -> None:
             "row GEMM", alternate(blas, rows, rounds))
 
 
+def depthwise_3x3(rng: np.random.Generator, rounds: int) -> None:
+    """MobileNetV2's 3x3 depthwise convs (padding 1, bias + ReLU6): the phase-plane kernel (taps3x3) against the
+    flat-plane one (flat3x3, where numba_conv.flat_3x3_fits takes it)."""
+    context = KernelContext()
+    context.threads = 1
+    relu6 = Activation("clip", lo=0.0, hi=6.0)
+    fits = numba_conv.flat_3x3_fits
+    for c, size, stride in [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
+                            (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1)]:
+        out = (size - 1) // stride + 1
+        geom = numpy_conv.ConvGeometry(c, size, size, c, out, out, 3, 3, stride, stride, 1, 1, 1, 1, 1, 1, c)
+        x = rng.standard_normal((1, c, size, size), dtype=np.float32)
+        filters = rng.standard_normal((c, 3, 3), dtype=np.float32) / np.float32(3.0)
+        bias = rng.standard_normal(c).astype(np.float32)
+        o1, o2 = np.empty((1, c, out, out), np.float32), np.empty((1, c, out, out), np.float32)
+
+        def phases(x=x, filters=filters, bias=bias, o1=o1, geom=geom) -> None:
+            numba_conv.flat_3x3_fits = lambda g: False  # the rule's other answer, for this call only
+            try:
+                numba_conv.depthwise(x, filters, bias, relu6, None, geom, o1, context)
+            finally:
+                numba_conv.flat_3x3_fits = fits
+
+        def flat(x=x, filters=filters, bias=bias, o2=o2, geom=geom) -> None:
+            numba_conv.depthwise(x, filters, bias, relu6, None, geom, o2, context)
+
+        phases()
+        flat()
+        np.testing.assert_allclose(o2, o1, rtol=1e-4, atol=1e-4)
+        taken = "taken" if fits(geom) else "not taken"
+        row(f"depthwise 3x3 {c}x{size}x{size} stride {stride} + bias + ReLU6 (flat_3x3_fits: {taken})",
+            "phase planes", "flat planes", alternate(phases, flat, rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -397,7 +432,7 @@ def main() -> None:
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
          "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms,
-         "wide_row_gemm": wide_row_gemms}
+         "wide_row_gemm": wide_row_gemms, "depthwise_3x3": depthwise_3x3}
 
 
 if __name__ == "__main__":
