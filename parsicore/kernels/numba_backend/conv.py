@@ -15,7 +15,9 @@ beforehand (no bounds test inside), and stride-2 variants are written with the l
 Depthwise ("flat planes"): per channel, the input is copied into zero-padded flat planes (one per row
 phase of the vertical stride) with row pitch ``pitch``; the output is accumulated on the padded grid and
 each tap is one long unit-stride loop over the whole plane instead of one short loop per row (the extra
-columns are dropped when the epilogue writes the output). See _depthwise_planes_kernel.
+columns are dropped when the epilogue writes the output). See _depthwise_planes_kernel. 3x3 depthwise convs with
+padding 1 go further (_depthwise_3x3_flat_kernel): no padding columns at all, so the plane is one flat copy (or
+one deinterleaving loop at stride 2) and the edge columns' wrapped taps are dropped by a select.
 """
 
 from __future__ import annotations
