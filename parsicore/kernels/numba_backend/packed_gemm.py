@@ -104,11 +104,11 @@ ENABLED = MICRO is not None and MICRO.lanes == 16
 #: loads and the transposing epilogue, and few columns: N <= MAX_COLUMNS with enough weights (M*K >=
 #: MIN_WEIGHTS), or N <= MAX_COLUMNS_DEEP with K >= MIN_DEPTH_WIDE and M >= MIN_ROWS_WIDE (where BLAS's
 #: per-call packing of the weights is most of its time). Dense, against np.matmul (one-off sweeps of M x K by
-#: N): 256x2304 at N = 16, 25, 36, 49, 64, 100,
-#: 196: 0.53, 0.48, 0.62, 0.66, 0.92, 0.81, 0.87; 512x256 at 49, 64, 100, 196: 0.77, 1.03, 0.94, 1.04; 32x288 at
-#: 49: 1.00, at 64: 1.44; N >= 784 1.2-1.4. Winograd slices, 16 x 256x256 by 56: 0.88, 36 x 128x128 by 56:
-#: 1.14. Shallow products at N = 49: 960x160 0.81, 512x128 0.83, 256x128 0.86, 128x128 1.12; at N = 16: 512x128
-#: 0.82, 256x192 1.04, 128x192 1.24; at N = 196, K < 512 loses (960x160 1.15, 256x128 1.10). Gated
+#: N): 256x2304 at N = 16, 25, 36, 49, 64, 100, 196: 0.53, 0.48, 0.62, 0.66, 0.92, 0.81, 0.87; 512x256 at 49,
+#: 64, 100, 196: 0.77, 1.03, 0.94, 1.04; 32x288 at 49: 1.00, at 64: 1.44; N >= 784 1.2-1.4. Winograd slices,
+#: 16 x 256x256 by 56: 0.88, 36 x 128x128 by 56: 1.14. Shallow products at N = 49: 960x160 0.81, 512x128 0.83,
+#: 256x128 0.86, 128x128 1.12; at N = 16: 512x128 0.82, 256x192 1.04, 128x192 1.24; at N = 196, K < 384 loses
+#: (960x160 1.15, 256x128 1.10). Gated
 #: (pack_gathered + this against gather_weights + np.matmul, N = 49): 128x576 0.95-0.98, 64x1152 0.89-0.90,
 #: 64x576 0.98-1.08, 128x288 1.09, 32x288 1.31-1.35. Twelfth session, K = 384 and 576 (MobileNetV2's 14x14
 #: projects; bias epilogue included, best of 3 x 5 x 20 calls, 1 thread, /tmp one-off sweep): at N = 196 24x384
