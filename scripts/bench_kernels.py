@@ -12,7 +12,8 @@ inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's p
 (dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
 cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
 rows gathered against row_gemm reading them in place, dense wide 1x1 GEMMs (OpenBLAS + epilogue against the
-row GEMM finishing its own tiles), and 3x3 depthwise convs (phase planes against flat planes). Every variant's
+row GEMM finishing its own tiles), 3x3 depthwise convs (phase planes against flat planes), and residual Adds with
+their ReLU (the numpy backend's two passes against the numba kernel's one). Every variant's
 output is checked against the first's.
 The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
@@ -38,11 +39,13 @@ import parsicore  # noqa: E402
 from parsicore.builder import ModelBuilder  # noqa: E402
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
+from parsicore.kernels.numba_backend import elementwise as numba_elementwise  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
 from parsicore.kernels.numba_backend import packed_gemm, row_gemm  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
 from parsicore.kernels.numba_backend import winograd as numba_winograd  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
+from parsicore.kernels.numpy_backend import elementwise as numpy_elementwise  # noqa: E402
 from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
 from parsicore.kernels.numpy_backend import winograd  # noqa: E402
 from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, pool_output_size  # noqa: E402
@@ -412,6 +415,23 @@ def depthwise_3x3(rng: np.random.Generator, rounds: int) -> None:
             "phase planes", "flat planes", alternate(phases, flat, rounds))
 
 
+def residual_adds(rng: np.random.Generator, rounds: int) -> None:
+    """Residual Adds and their ReLU (float32 (1, C, H, W) + the same shape; ResNet-18's four, and two of
+    MobileNetV2's shapes, whose Adds have no activation): the numpy backend's kernel (np.add, then
+    np.maximum) against the numba backend's one pass."""
+    relu = Activation("relu")
+    for shape in [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (24, 56, 56), (96, 14, 14)]:
+        spec = KernelSpec("Add", None, {}, (shape, shape), (shape,), relu)
+        a, b = (rng.standard_normal((1, *shape), dtype=np.float32) for _ in range(2))
+        o1, o2 = np.empty_like(a), np.empty_like(a)
+        two_passes, one_pass = numpy_elementwise.make_binary(spec), numba_elementwise.make_binary(spec)
+        two_passes([a, b], [o1])
+        one_pass([a, b], [o2])
+        np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6)
+        row(f"Add + ReLU {shape[0]}x{shape[1]}x{shape[2]}", "np.add + np.maximum", "numba one pass",
+            alternate(partial(two_passes, [a, b], [o1]), partial(one_pass, [a, b], [o2]), rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -432,7 +452,8 @@ def main() -> None:
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
          "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms,
-         "wide_row_gemm": wide_row_gemms, "depthwise_3x3": depthwise_3x3}
+         "wide_row_gemm": wide_row_gemms, "depthwise_3x3": depthwise_3x3,
+         "residual_add": residual_adds}
 
 
 if __name__ == "__main__":

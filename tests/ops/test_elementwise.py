@@ -7,10 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parsicore.kernels.base import Activation
+from parsicore.kernels import factories, numba_available
+from parsicore.kernels.base import ACTIVATION_KINDS, Activation, apply_activation
 from parsicore.kernels.numpy_backend.elementwise import FACTORIES
 from parsicore.ops import OPS
 from parsicore.ops.base import NoAttrs, parse_attrs
+from tests.ops._strategies_conv import activation_of_kind
 from tests.ops._strategies_misc import batched_input, batches, feature_shapes, reference, run_kernel, seeds, strided
 from tests.strategies import maybe_non_contiguous, seeded_array
 
@@ -75,6 +77,71 @@ def test_fused_activation_runs_after_the_add() -> None:
     b = np.float32([[0.5, 0.5, 0.5]])
     (got,) = run_kernel(FACTORIES, "Add", NoAttrs(), [a, b], activation=Activation("relu"))
     np.testing.assert_array_equal(got, [[0.0, 2.5, 0.0]])
+
+
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+@given(ops, seeds, batches, feature_shapes(min_rank=1, max_rank=4, max_side=9), strided, strided, st.data())
+def test_numba_same_shape_kernel_with_activation_matches_reference(kind: str, op_type: str, seed: int, n: int,
+                                                                   shape: tuple, flag_a: bool, flag_b: bool,
+                                                                   data: st.DataObject) -> None:
+    """A residual Add and its ReLU (or any fused kind) in one pass; non-contiguous views take NumPy's path."""
+    a = batched_input(seed, n, shape, flag_a, scale=6.0)  # spread over the activations' bends
+    b = batched_input(seed + 1, n, shape, flag_b, scale=6.0)
+    act = data.draw(activation_of_kind(kind))
+    (got,) = run_kernel(factories("numba"), op_type, NoAttrs(), [a, b], activation=act)
+    (want,) = reference(op_type, NoAttrs(), [a, b])
+    np.testing.assert_allclose(want, expected(op_type, a, b, True), rtol=1e-6, atol=1e-6)
+    apply_activation(want, act)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("op_type", ["Add", "Mul"])
+@pytest.mark.parametrize("act", [None, Activation("relu"), Activation("clip", lo=0.0, hi=6.0)])
+def test_numba_same_shape_kernel_passes_nan_and_inf_as_numpy(op_type: str, act: Activation | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN stays NaN through the clamps, +-inf is clamped, and past one L1 block (4096 values) every value is
+    written: the same tensor as NumPy's ufunc and apply_activation (from the numba kernel when fused)."""
+    from parsicore.kernels.numba_backend import elementwise as numba_elementwise
+
+    calls = []
+    kernel = numba_elementwise.binary_activation
+    monkeypatch.setattr(numba_elementwise, "binary_activation", lambda *args: calls.append(1) or kernel(*args))
+    BLOCK = numba_elementwise.BLOCK  # noqa: N806
+
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((2, 3, BLOCK // 3 + 7)) * 8).astype(np.float32)
+    b = (rng.standard_normal(a.shape) * 8).astype(np.float32)
+    a[0, 0, :4] = [np.nan, np.inf, -np.inf, 7.0]
+    b[1, 2, -3:] = [np.nan, -np.inf, np.inf]
+    (got,) = run_kernel(factories("numba"), op_type, NoAttrs(), [a, b], activation=act)
+    with np.errstate(invalid="ignore"):
+        want = (np.add if op_type == "Add" else np.multiply)(a, b)
+        apply_activation(want, act)
+    np.testing.assert_array_equal(got, want)
+    assert len(calls) == (act is not None)
+
+
+@needs_numba
+def test_numba_backend_takes_its_kernel_only_for_same_shape_fused_calls() -> None:
+    """Broadcast second inputs, constants and a lone sum stay with NumPy (as fast there: module docstring)."""
+    from parsicore.kernels.base import KernelSpec
+
+    relu = Activation("relu")
+
+    def code_of(table: dict, shapes: tuple, act: Activation | None, weights: dict | None = None) -> object:
+        return table["Add"](KernelSpec("Add", NoAttrs(), weights or {}, shapes, (shapes[0],), act)).__code__
+
+    same = ((4, 5, 5), (4, 5, 5))
+    numpy_code = code_of(FACTORIES, same, relu)
+    assert code_of(factories("numba"), same, relu) is not numpy_code
+    for shapes, act, weights in [(((4, 5, 5), (4, 1, 1)), relu, None), (same, None, None),
+                                 (((4, 5, 5),), relu, {"constant": np.ones((4, 1, 1), np.float32)})]:
+        assert code_of(factories("numba"), shapes, act, weights) is numpy_code
 
 
 @pytest.mark.parametrize("op_type", ["Add", "Mul"])

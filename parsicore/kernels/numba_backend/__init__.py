@@ -1,4 +1,4 @@
-"""The ``numba`` backend: JIT kernels where they pay (im2col, depthwise, pooling), NumPy elsewhere.
+"""The ``numba`` backend: JIT kernels where they pay (convs, gates, pooling, same-shape Add and Mul), NumPy elsewhere.
 
 Importing this package imports Numba, so it is only imported when the numba backend is chosen. The JIT
 cache directory is set here, before Numba reads its configuration (see :mod:`parsicore.kernels.jit_cache`),
@@ -15,10 +15,10 @@ jit_cache.configure_cache_dir()
 threads.prepare_environment()
 
 from parsicore.kernels import numpy_backend  # noqa: E402
-from parsicore.kernels.numba_backend import conv, gates, pool  # noqa: E402
+from parsicore.kernels.numba_backend import conv, elementwise, gates, pool  # noqa: E402
 
 #: Families with a Numba kernel; every other op uses the numpy backend's factory.
-FAMILIES = {"conv": conv, "gates": gates, "pool": pool}
+FAMILIES = {"conv": conv, "elementwise": elementwise, "gates": gates, "pool": pool}
 
 FACTORIES = {**numpy_backend.FACTORIES}
 for _family in FAMILIES.values():
