@@ -35,7 +35,7 @@ if not packed_gemm.available():
 
 def packed_everywhere() -> contextlib.AbstractContextManager[None]:
     """Within the block, every conv GEMM takes the packed GEMM (the test shapes are far below its thresholds)."""
-    return constants_set(packed_gemm, ENABLED=True, MAX_COLUMNS=1 << 62, MIN_DEPTH=0, MIN_WEIGHTS=0)
+    return constants_set(packed_gemm, ENABLED=True, GATHERED=True, MAX_COLUMNS=1 << 62, MIN_DEPTH=0, MIN_WEIGHTS=0)
 
 
 def test_micro_shape_per_cpu() -> None:
@@ -46,6 +46,24 @@ def test_micro_shape_per_cpu() -> None:
     assert packed_gemm.micro_shape({"neon": True}, "aarch64") == (4, 2, 12)
     assert packed_gemm.micro_shape({}, "riscv64") is None
     assert packed_gemm.MICRO.rows == packed_gemm.MICRO.lanes * packed_gemm.MICRO.vectors
+
+
+def test_packed_gemm_is_on_where_it_was_measured_faster() -> None:
+    """Dense and steps-in-place calls on AVX-512 and AVX2, gathered-and-packed gated calls on AVX-512 only, NEON and
+    no tile BLAS only; the row GEMM (a 16-lane tile) only with the 16-lane packed GEMM."""
+    shape = packed_gemm.MicroShape
+    avx512, avx2, neon = shape(16, 1, 25), shape(8, 2, 6), shape(4, 2, 12)
+    assert [packed_gemm.enabled_on(s) for s in (avx512, avx2, neon, None)] == [True, True, False, False]
+    assert [packed_gemm.gathers_on(s) for s in (avx512, avx2, neon, None)] == [True, False, False, False]
+    assert packed_gemm.ENABLED == packed_gemm.enabled_on(packed_gemm.MICRO)
+    assert packed_gemm.GATHERED == packed_gemm.gathers_on(packed_gemm.MICRO)
+    from parsicore.kernels.numba_backend import row_gemm
+
+    assert row_gemm.ENABLED == (packed_gemm.ENABLED and packed_gemm.MICRO.lanes == 16)
+    with constants_set(packed_gemm, ENABLED=True, GATHERED=False):
+        assert packed_gemm.pays(512, 4608, 49) and not packed_gemm.gathered_pays(512, 4608, 49)
+    with constants_set(packed_gemm, ENABLED=True, GATHERED=True):
+        assert packed_gemm.gathered_pays(512, 4608, 49) and not packed_gemm.gathered_pays(512, 4608, 784)
 
 
 def test_target_features_follow_numba_cpu_name() -> None:
@@ -285,12 +303,20 @@ def test_conv_winograd_packed_slices_match_reference(threads: int, tile: int, da
     assert_close(y, want, scale)
 
 
+@pytest.mark.parametrize("rule", ["this machine", "dense and in place", "gathered too"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
+def test_conv_packed_gemm_at_late_layer_size(threads: int, rule: str) -> None:
     """A late-layer sized conv at the real thresholds (no forcing: 7x7 outputs, 256 -> 64 channels, K = 2304): the
     dense call takes the weights packed at load, a gated call (48 rows, 192 channels) the gathered ones, a call gated
     by 40 input channels only the steps read in place; all match the reference. Where the packed GEMM is not on
-    (packed_gemm.ENABLED), BLAS runs and must match all the same."""
+    (packed_gemm.ENABLED), BLAS runs and must match all the same. The rule as this machine has it, as on AVX2
+    (dense and in place: the gathered call takes BLAS) and as on AVX-512 (gathered too)."""
+    settings = {} if rule == "this machine" else {"ENABLED": True, "GATHERED": rule == "gathered too"}
+    with constants_set(packed_gemm, **settings):
+        _late_layer_conv(threads)
+
+
+def _late_layer_conv(threads: int) -> None:
     case = ConvCase(ConvAttrs(pads=(1, 1, 1, 1)), seeded_array(60, (1, 256, 7, 7)),
                     seeded_array(61, (64, 256, 3, 3), scale=0.02), seeded_array(62, (64,)), Activation("relu"),
                     (64, 7, 7))
@@ -321,4 +347,5 @@ def test_conv_packed_gemm_at_late_layer_size(threads: int) -> None:
     kernel([zero_inactive(case.x, few)], [y], active_in=few)
     want, scale = expected(case, active_in=few)
     assert_close(y, want, scale)
-    assert calls == ([64, 48, 64] if packed_gemm.ENABLED else [])
+    # The gathered call (48 rows, 192 channels) only where gated calls gather and pack (packed_gemm.GATHERED).
+    assert calls == (([64, 48, 64] if packed_gemm.GATHERED else [64, 64]) if packed_gemm.ENABLED else [])

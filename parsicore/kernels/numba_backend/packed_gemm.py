@@ -67,7 +67,7 @@ def micro_shape(features: dict[str, bool], machine: str) -> MicroShape | None:
       16 x 28 1.39-1.52, 32 x 14 1.51-1.62, 32 x 7 1.91, 64 x 6 2.37; OpenBLAS 1.9-2.1.
     - AVX2 + FMA (16 registers of 8 floats): 16 x 6, 12 accumulators (the shape of OpenBLAS's Haswell sgemm).
     - AArch64 NEON (32 registers of 4 floats): 8 x 12, 24 accumulators (the shape of the ARMv8 sgemm kernels
-      of OpenBLAS and ncnn). Not timed on a board yet: see :data:`ENABLED`.
+      of OpenBLAS and ncnn). Not timed on a board yet: see :func:`enabled_on`.
     """
     if features.get("avx512f"):
         return MicroShape(16, 1, 25)
@@ -94,10 +94,26 @@ def target_features(cpu_name: str | None, cpu_features: str | None, host: dict[s
 MICRO = micro_shape(target_features(numba.config.CPU_NAME, numba.config.CPU_FEATURES,
                                     dict(llvm.get_host_cpu_features())), platform.machine())
 
-#: Whether convs take the packed GEMM at all: only on the vector width where it was measured faster than BLAS
-#: (AVX-512). Elsewhere it is built and tested (the tests turn it on) but BLAS stays the GEMM until a board
-#: measures it (``scripts/bench_kernels.py --only packed_gemm`` on the board).
-ENABLED = MICRO is not None and MICRO.lanes == 16
+def enabled_on(shape: MicroShape | None) -> bool:
+    """Whether convs take the packed GEMM at all with this tile: on the vector widths where it was measured faster
+    than OpenBLAS, AVX-512 (16 lanes) and AVX2 (8 lanes; a Zen 4 VM with AVX-512 hidden, against OpenBLAS's own
+    choice of kernels, 1 thread, ``python scripts/bench_kernels.py --only packed_gemm``: 512x4608x49 0.89 hot and
+    0.88 cold, 512x2304x49 0.85, 256x2304x16 0.78, 256x2304x196 0.96, the shallower rows 0.97-1.02). NEON: built
+    and tested (the tests turn it on), BLAS stays the GEMM until a board measures it."""
+    return shape is not None and shape.lanes in (8, 16)
+
+
+def gathers_on(shape: MicroShape | None) -> bool:
+    """Whether gated convs also gather and pack their active weights on each call for it (:func:`gathered_pays`):
+    on AVX-512 only. On the AVX2 VM above gather-pack + packed GEMM took 1.06-1.15x gather + OpenBLAS at every
+    gated row of the benchmark (ResNet-18-gated50 1.033 then 0.993 against BLAS alternated, with and without it)."""
+    return enabled_on(shape) and shape is not None and shape.lanes == 16
+
+
+#: Whether convs take the packed GEMM (dense calls, and gated ones reading the active steps in place) here.
+ENABLED = enabled_on(MICRO)
+#: Whether gated calls also take it on weights gathered and packed per call.
+GATHERED = gathers_on(MICRO)
 
 #: The shapes where it beats OpenBLAS (SkylakeX kernels, 1 thread; ``python scripts/bench_kernels.py --only
 #: packed_gemm`` has a row per kind): a deep product (K >= MIN_DEPTH), which pays for the microkernel's tile
@@ -331,6 +347,12 @@ def pays(rows: int, depth: int, columns: int) -> bool:
     return ENABLED and depth >= MIN_DEPTH and (
         (columns <= MAX_COLUMNS and rows * depth >= MIN_WEIGHTS)
         or (columns <= MAX_COLUMNS_DEEP and depth >= MIN_DEPTH_WIDE and rows >= MIN_ROWS_WIDE))
+
+
+def gathered_pays(rows: int, depth: int, columns: int) -> bool:
+    """Whether a gated GEMM on the active weights gathered and packed per call takes the packed GEMM here (else
+    they are gathered for BLAS)."""
+    return GATHERED and pays(rows, depth, columns)
 
 
 def panel_count(rows: int) -> int:

@@ -19,7 +19,7 @@ Where it runs: gated calls at N <= COLUMNS and K >= MIN_DEPTH (:func:`pays`), an
 gated, N >= WIDE_MIN_COLUMNS and K <= WIDE_MAX_DEPTH (:func:`wide`: MobileNetV2's 1x1 convs at 28x28 and
 larger), where BLAS writes its product and the epilogue reads and rewrites it.
 
-AVX-512 only (LANES 16), as packed_gemm.ENABLED: no board has timed it elsewhere.
+AVX-512 only (LANES 16: its tile needs 32 vector registers of 16 floats); nothing else has timed it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ DEPTH = 128
 #: Lines of the next tile's rows each microkernel call prefetches per row: its K block (DEPTH * 4 bytes); 0: none.
 PREFETCH_LINES = DEPTH * 4 // 64
 
-ENABLED = packed_gemm.ENABLED
+ENABLED = packed_gemm.ENABLED and packed_gemm.MICRO is not None and packed_gemm.MICRO.lanes == LANES
 
 #: The gated GEMMs it takes (against the active rows gathered, then packed_gemm or BLAS): N <= COLUMNS and K >=
 #: MIN_DEPTH. ``python scripts/bench_kernels.py --only row_gemm`` (1 thread, half the rows, weights cycled):

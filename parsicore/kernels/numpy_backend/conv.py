@@ -291,6 +291,8 @@ class PackedGemm:
 
     #: (rows M, depth K, columns N) -> whether this GEMM beats BLAS at that shape.
     pays: Callable[[int, int, int], bool]
+    #: (rows M, depth K, columns N) -> whether a gated GEMM on gathered, packed weights beats gather + BLAS.
+    gathered_pays: Callable[[int, int, int], bool]
     #: (a float32 (M, K)) -> packed weights, made once at load.
     pack: Callable[[np.ndarray], Any]
     #: (taps (K, C, T), rows, channels, scratch, context) -> packed weights of the active rows and columns.
@@ -572,10 +574,10 @@ class ConvKernel:
         # only in convs whose dense GEMM takes it (decided at load). Input channels only: it reads the active
         # channels' steps in place (no weight gather), at any count of them (the default model's conv5, 47 of 128
         # channels at 7x7: 95 against 111 us for gather + OpenBLAS, one-off); gathered, where the gated shape
-        # still pays for the gather and packing.
+        # still pays for the gather and packing (gathered_pays).
         in_place = self.gemm_panels is not None and n_cols > 0 and rows is None and chans is not None
         packed = in_place or (self.gemm_panels is not None and n_cols > 0 and (
-            not gather_w or self._packed_gemm().pays(n_rows, n_cols, g.pixels)))
+            not gather_w or self._packed_gemm().gathered_pays(n_rows, n_cols, g.pixels)))
         # Wide and shallow at the active depth: the backend's row GEMM on the (gathered) weights, its tiles finishing
         # the rows (no values buffer, no epilogue pass).
         wide = not packed and n_cols > 0 and self.micro.row_gemm_wide is not None and (
