@@ -2,8 +2,8 @@
 ReLU); every other form (a broadcast second input, a constant, a non-contiguous view) is the numpy backend's.
 
 NumPy runs the sum and the activation as two passes over the tensor, and its maximum against a scalar (ReLU)
-does not vectorise: one of ResNet-18's 64 x 56x56 residual Adds took 146 us there, 33 us here (one-off, 1
-thread, hot; ``python scripts/bench_kernels.py --only residual_add`` measures the benchmark models' shapes).
+does not vectorise: one of ResNet-18's 64 x 56x56 residual Adds took 139 us there, 37 us here (1 thread, hot,
+AVX2 Zen 4 VM: ``python scripts/bench_kernels.py --only residual_add``, which has the benchmark models' shapes).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from parsicore.kernels.base import Kernel, KernelSpec
-from parsicore.kernels.numba_backend.epilogue import activation_params, clamp_bounds, finish_span
+from parsicore.kernels.numba_backend.epilogue import ActivationParams, activation_params, clamp_bounds, finish_span
 from parsicore.kernels.numba_backend.parallel import jit
 from parsicore.kernels.numpy_backend import elementwise as numpy_elementwise
 
@@ -54,11 +54,11 @@ def _binary_activation_kernel(a, b, multiply, code, alpha, beta, lo, hi, out):
         finish_span(out, first, out, first, count, zero, code, alpha, beta, lo, hi)
 
 
-def binary_activation(a: np.ndarray, b: np.ndarray, multiply: bool, spec_activation: Any,
+def binary_activation(a: np.ndarray, b: np.ndarray, multiply: bool, params: ActivationParams,
                       out: np.ndarray) -> None:
-    """a, b, out: float32 (N, *A), C-contiguous, one shape: out = act(a + b) (or a * b), act the fused
-    activation (None: none)."""
-    code, alpha, beta, lo, hi = activation_params(spec_activation)
+    """a, b, out: float32 (N, *A), C-contiguous, one shape: out = act(a + b) (or a * b), act given by
+    ``params`` (epilogue.activation_params of the fused activation)."""
+    code, alpha, beta, lo, hi = params
     _binary_activation_kernel(a.reshape(-1), b.reshape(-1), multiply, code, alpha, beta, lo, hi, out.reshape(-1))
 
 
@@ -68,13 +68,12 @@ def make_binary(spec: KernelSpec) -> Kernel:
     if spec.activation is None or len(spec.in_shapes) != 2 or tuple(spec.in_shapes[1]) != tuple(spec.in_shapes[0]):
         return fallback  # a lone sum or product is one pass in NumPy too, and as fast (0.9-1.0x there)
     multiply = spec.op == "Mul"
-    act = spec.activation
+    params = activation_params(spec.activation)
 
     def binary(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], **gating: Any) -> None:
         a, b = inputs
-        out = outputs[0]
-        if a.flags.c_contiguous and b.flags.c_contiguous and a.dtype == b.dtype == out.dtype == np.float32:
-            binary_activation(a, b, multiply, act, out)
+        if a.flags.c_contiguous and b.flags.c_contiguous:
+            binary_activation(a, b, multiply, params, outputs[0])
         else:
             fallback(inputs, outputs)
 

@@ -107,7 +107,7 @@ def gathers_on(shape: MicroShape | None) -> bool:
     """Whether gated convs also gather and pack their active weights on each call for it (:func:`gathered_pays`):
     on AVX-512 only. On the AVX2 VM above gather-pack + packed GEMM took 1.06-1.15x gather + OpenBLAS at every
     gated row of the benchmark (ResNet-18-gated50 1.033 then 0.993 against BLAS alternated, with and without it)."""
-    return enabled_on(shape) and shape is not None and shape.lanes == 16
+    return shape is not None and shape.lanes == 16
 
 
 #: Whether convs take the packed GEMM (dense calls, and gated ones reading the active steps in place) here.
