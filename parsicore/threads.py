@@ -17,11 +17,18 @@ run whose kernels all stay serial never starts Numba's pool (see
 ``parsicore.kernels.numba_backend.parallel``). Numba's kernels and the GEMMs alternate, never overlap, so
 both use all N threads.
 
-Spinning threads: by default libgomp (Numba's ``omp`` threading layer) busy-waits ~0.2 s after each
-parallel region, stealing the core the next GEMM needs; on a busy machine small parallel kernels ran
-70-1000x slower. :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a
-policy; it must run before Numba's threading layer loads libgomp (the numba backend calls it before it
-imports Numba).
+Waiting threads: libgomp (Numba's ``omp`` threading layer) lets a thread that finished its part of a parallel
+region spin ``GOMP_SPINCOUNT`` times before it sleeps; unset, 300000 spins (~15 ms on a Zen 4 VM), which
+stole the core the next GEMM's helper thread needed (small parallel kernels ran 70-1000x slower on a busy
+machine). :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy
+(``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``); it must run before Numba's threading layer loads libgomp (the numba
+backend calls it before it imports Numba). Asleep, a thread takes ~15-100 us to wake on the VMs measured here,
+so only large kernels and GEMMs run split. A bounded spin (``GOMP_SPINCOUNT=30000``, ~1.5 ms on the Zen 4 VM of
+the fourteenth session) hands a region over in ~2 us within a stream of back-to-back calls, and the numba
+backend then splits GEMMs from 2^20 MACs (:func:`threads_spin`); it is not the default because on that VM the
+first parallel region after an idle spell longer than the spin took about as long as the spin (1.5 ms against
+~15-70 us asleep; ``python scripts/bench_thread_wakeup.py``), which a program calling the model now and then
+would pay on every call. PERFORMANCE.md has the figures.
 
 No OpenBLAS found (NumPy built on MKL/Accelerate, an exotic OpenBLAS): :func:`apply` changes nothing,
 :func:`blas_info` says so, and that BLAS may add threads of its own to each chunk; ``threadpoolctl`` can
@@ -37,27 +44,49 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Environment defaults that must be in place before the thread pools start (user values win).
+#: Environment defaults that must be in place before the thread pools start (unless the user chose a policy).
 ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: Variables by which a user chooses the wait policy of OpenMP threads (libgomp).
+WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-#: OpenBLAS symbol spellings: plain, the ``64_`` suffix of ILP64 builds, and NumPy's bundled
+#: OpenBLAS symbol spellings (prefix, suffix): plain, the ``64_`` suffix of ILP64 builds, and NumPy's bundled
 #: scipy-openblas (``scipy_`` prefix, ``64_`` suffix).
-_SYMBOL_FORMS = (("", ""), ("", "64_"), ("scipy_", "64_"), ("scipy_", ""))
+SYMBOL_FORMS = (("", ""), ("", "64_"), ("scipy_", "64_"), ("scipy_", ""))
+#: dlopen mode that binds to a library already loaded and never loads another copy.
+NOLOAD_MODE = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0) or ctypes.DEFAULT_MODE
 
 
 def prepare_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set :data:`ENVIRONMENT_DEFAULTS` where the user has not; returns what was set."""
+    """Set :data:`ENVIRONMENT_DEFAULTS` unless the user chose a wait policy (a variable of
+    :data:`WAIT_POLICY_VARIABLES` set); returns what was set."""
     target = os.environ if environ is None else environ
-    added = {}
-    for var, value in ENVIRONMENT_DEFAULTS.items():
-        if var not in target:
-            target[var] = value
-            added[var] = value
-    return added
+    if any(var in target for var in WAIT_POLICY_VARIABLES):
+        return {}
+    target.update(ENVIRONMENT_DEFAULTS)
+    return dict(ENVIRONMENT_DEFAULTS)
+
+
+_SPIN_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def threads_spin(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether libgomp's threads wait spinning between parallel regions under ``environ`` (None: this process's),
+    as libgomp reads it: ``GOMP_SPINCOUNT`` when set (a count, optionally with a k/M/G/T suffix, or "infinite"),
+    else ``OMP_WAIT_POLICY`` (passive: no spin; active or unset: spin). A value libgomp would reject counts as
+    unset."""
+    env = os.environ if environ is None else environ
+    count = env.get("GOMP_SPINCOUNT", "").strip().lower()
+    if count == "infinite" or count == "infinity":
+        return True
+    if count:
+        number, scale = (count[:-1], _SPIN_SUFFIXES[count[-1]]) if count[-1] in _SPIN_SUFFIXES else (count, 1)
+        if number.isdigit():
+            return int(number) * scale > 0
+    return env.get("OMP_WAIT_POLICY", "").strip().lower() != "passive"
 
 
 @dataclass(frozen=True)
@@ -108,12 +137,11 @@ def _numpy_bundled_libraries() -> list[str]:
 
 def _bind(path: str) -> BlasLibrary | None:
     """The thread entry points of the library at ``path`` if it is already loaded and exports them."""
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0) or ctypes.DEFAULT_MODE
     try:
-        lib = ctypes.CDLL(path, mode=mode)  # RTLD_NOLOAD: bind to the copy NumPy loaded, never load another
+        lib = ctypes.CDLL(path, mode=NOLOAD_MODE)  # bind to the copy NumPy loaded, never load another
     except OSError:
         return None
-    for prefix, suffix in _SYMBOL_FORMS:
+    for prefix, suffix in SYMBOL_FORMS:
         setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
         getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
         if setter is None or getter is None:

@@ -3,7 +3,7 @@ turn, round by round (A B, B A, A B, ...), so a change in the machine's speed hi
 
     git worktree add /tmp/base <commit>
     python scripts/ab_checkouts.py MODEL.h5 /tmp/base . [--rounds 20] [--calls 50] [--threads 1]
-    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --env-b "OMP_WAIT_POLICY= GOMP_SPINCOUNT=20000"
+    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --env-b "GOMP_SPINCOUNT=30000"
 
 Prints each checkout's median latency and the median (and range) of the per-round ratios B/A: the ratio is
 the figure to trust on a shared machine, whose speed here changed by up to 1.5x within minutes.

@@ -7,7 +7,8 @@ Rows: max/average pool (NumPy backend vs Numba), the whole-row gather (np.take w
 the two Numba im2col kernels (row copies vs loads through an index map), the weight gather of channel
 subsets (NumPy fancy indexing vs Numba), a 3x3 conv at few output tiles (im2col vs Winograd, whole one-conv
 models: the choice winograd.MIN_TILES makes), F(2x2) vs F(4x4) Winograd on the same conv (winograd.tile_size),
-a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), a 1x1 conv with 3/4 of its
+a GEMM in one call vs split in 2 or 4 blocks over 2 threads (PARALLEL_GEMM_MACS), a GEMM split over 2 threads
+by the helper threads vs in Numba's pool (blas_split), a 1x1 conv with 3/4 of its
 inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's packed GEMM against OpenBLAS
 (dense: np.matmul vs packed_gemm on weights packed once, hot and cycling through weights that do not fit in
 cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
@@ -38,10 +39,10 @@ import numpy as np  # noqa: E402
 import parsicore  # noqa: E402
 from parsicore.builder import ModelBuilder  # noqa: E402
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec  # noqa: E402
+from parsicore.kernels.numba_backend import blas_split, packed_gemm, row_gemm  # noqa: E402
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import elementwise as numba_elementwise  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
-from parsicore.kernels.numba_backend import packed_gemm, row_gemm  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
 from parsicore.kernels.numba_backend import winograd as numba_winograd  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
@@ -49,6 +50,7 @@ from parsicore.kernels.numpy_backend import elementwise as numpy_elementwise  # 
 from parsicore.kernels.numpy_backend import pool as numpy_pool  # noqa: E402
 from parsicore.kernels.numpy_backend import winograd  # noqa: E402
 from parsicore.ops.pool import AveragePoolAttrs, MaxPoolAttrs, pool_output_size  # noqa: E402
+from parsicore.threads import apply as pin_blas_threads  # noqa: E402
 from parsicore.threads import run_chunks  # noqa: E402
 
 
@@ -213,6 +215,32 @@ def gemm_splits(rng: np.random.Generator, rounds: int) -> None:
             row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "1 call",
                 f"{blocks} {'row' if by_rows else 'column'} blocks, 2 threads",
                 alternate(partial(np.matmul, a, b, out=o1), partial(run_chunks, chunk, count, 2), rounds))
+
+
+def pool_splits(rng: np.random.Generator, rounds: int) -> None:
+    """A GEMM split in 2 blocks over 2 threads: by parsicore's helper threads (run_chunks, the numpy backend's
+    split) against Numba's pool calling OpenBLAS per block (blas_split, the numba backend's), under this
+    process's wait policy (OMP_WAIT_POLICY / GOMP_SPINCOUNT as set when it started)."""
+    pin_blas_threads(2)  # OpenBLAS single-threaded: each block runs on the thread that calls it
+    for m, kk, n in [(144, 24, 3136), (384, 64, 196), (576, 96, 196), (960, 160, 49), (64, 576, 3136),
+                     (256, 2304, 196), (512, 4608, 49)]:
+        a = rng.random((m, kk), dtype=np.float32)
+        b = rng.random((kk, n), dtype=np.float32)
+        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        by_rows = m >= 64 and a.size >= b.size  # as ConvKernel._matmul splits
+        step = -(-(m if by_rows else n) // 2)
+
+        def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o1=o1) -> None:
+            s = slice(i * step, (i + 1) * step)
+            if by_rows:
+                np.matmul(a[s], b, out=o1[s])
+            else:
+                np.matmul(a, b[:, s], out=o1[:, s])
+
+        row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "helper threads", "Numba pool",
+            alternate(partial(run_chunks, chunk, 2, 2), partial(blas_split.split_matmul, a, b, o2, 2, by_rows),
+                      rounds))
+        np.testing.assert_allclose(o2, o1, rtol=1e-5)
 
 
 def pointwise_input_gathers(rng: np.random.Generator, rounds: int) -> None:
@@ -451,6 +479,7 @@ def main() -> None:
 
 PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight_gathers": weight_gathers,
          "winograd_tiles": winograd_tiles, "winograd_f4": winograd_f4, "gemm_splits": gemm_splits,
+         "pool_splits": pool_splits,
          "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms,
          "wide_row_gemm": wide_row_gemms, "depthwise_3x3": depthwise_3x3,
          "residual_add": residual_adds}

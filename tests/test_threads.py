@@ -13,12 +13,30 @@ from tests.strategies import seeded_array
 
 
 def test_prepare_environment_sets_only_what_the_user_has_not() -> None:
+    """Sleeping threads, unless the user chose a policy (either of libgomp's variables)."""
     env: dict[str, str] = {}
     assert threads.prepare_environment(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert threads.prepare_environment(env) == {}
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "30000"}, {"OMP_WAIT_POLICY": ""}):
+        env = dict(chosen)
+        assert threads.prepare_environment(env) == {}
+        assert env == chosen
+
+
+@pytest.mark.parametrize("env, spins", [
+    ({}, True),  # libgomp's default: 300000 spins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
+    ({"OMP_WAIT_POLICY": " passive "}, False),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, True),
+    ({"GOMP_SPINCOUNT": "30000"}, True),
+    ({"GOMP_SPINCOUNT": "0"}, False),
+    ({"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "ACTIVE"}, False),  # the count wins, as in libgomp
+    ({"GOMP_SPINCOUNT": "30k", "OMP_WAIT_POLICY": "PASSIVE"}, True),
+    ({"GOMP_SPINCOUNT": "infinite"}, True),
+    ({"GOMP_SPINCOUNT": "lots", "OMP_WAIT_POLICY": "PASSIVE"}, False),  # rejected by libgomp: the policy decides
+])
+def test_threads_spin_reads_the_environment_as_libgomp_does(env: dict[str, str], spins: bool) -> None:
+    assert threads.threads_spin(env) is spins
 
 
 def test_unloadable_or_foreign_libraries_are_not_bound(tmp_path) -> None:

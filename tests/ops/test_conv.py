@@ -665,7 +665,8 @@ def test_conv_one_kernel_many_threads(backend: str) -> None:
 def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With threads > 1 large GEMMs are split into chunks (row blocks, column blocks, Winograd slices) run by
-    the caller and helper threads: dense and gated results still match the reference."""
+    the caller and helper threads (numpy backend) or by Numba's pool, one OpenBLAS call per chunk (numba backend,
+    blas_split): dense and gated results still match the reference."""
     from parsicore.kernels.base import KernelContext
     from parsicore.kernels.numpy_backend import conv as numpy_conv
 
@@ -680,9 +681,14 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
     monkeypatch.setattr(numpy_conv, "run_chunks", counting_run_chunks)
     monkeypatch.setattr(numpy_conv, "PARALLEL_GEMM_MACS", 0)  # small shapes, split anyway (the threshold is tuned)
     monkeypatch.setattr(numpy_conv, "PARALLEL_WINOGRAD_MACS", 0)  # F(4x4): the whole conv on the threads
+    own_pool = False
     if backend == "numba":  # the wide 1x1 ("columns") takes BLAS here, not the row GEMM (which splits itself)
         row_gemm = pytest.importorskip("parsicore.kernels.numba_backend.row_gemm")
         monkeypatch.setattr(row_gemm, "WIDE_MIN_COLUMNS", 1 << 62)
+        from parsicore.kernels.numba_backend import blas_split, parallel
+
+        monkeypatch.setattr(parallel, "MIN_PARALLEL_MACS", 0)
+        own_pool = blas_split.available()
     c, k, size, kernel = {"rows": (64, 96, 6, 1), "columns": (96, 8, 56, 1), "winograd": (48, 48, 20, 3),
                           "winograd_4x4": (64, 64, 28, 3)}[shape]
     pads = (kernel // 2,) * 4
@@ -702,11 +708,26 @@ def test_conv_gemm_split_over_threads_matches_reference(backend: str, shape: str
             return transform(*args, **kwargs)
         return run
 
+    pool_splits: list[tuple[int, ...]] = []  # a's shape at each split_matmul call that ran
+
+    def counting_split(split_matmul):  # type: ignore[no-untyped-def]
+        def run(a, b, out, threads, by_rows):  # type: ignore[no-untyped-def]
+            ran = split_matmul(a, b, out, threads, by_rows)
+            if ran:
+                pool_splits.append(a.shape)
+            return ran
+        return run
+
     kern.micro = dataclasses.replace(kern.micro, winograd_input=spy(kern.micro.winograd_input),
-                                     winograd_output=spy(kern.micro.winograd_output))
+                                     winograd_output=spy(kern.micro.winograd_output),
+                                     split_matmul=counting_split(kern.micro.split_matmul)
+                                     if kern.micro.split_matmul else None)
     y = np.full((2, *case.out_shape), np.nan, dtype=np.float32)
     kern([case.x], [y])
-    assert splits and all(n > 1 for n in splits), "the GEMM should have been split"
+    if own_pool:
+        assert pool_splits and not splits, "the GEMM should have been split in Numba's pool"
+    else:
+        assert splits and all(n > 1 for n in splits), "the GEMM should have been split"
     # F(4x4) runs its transforms in their parallel builds with the split GEMM; F(2x2)'s choose by size
     assert transforms == {"winograd": [None] * 4, "winograd_4x4": [True] * 4}.get(shape, [])
     want, scale = expected(case)

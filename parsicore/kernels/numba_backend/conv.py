@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from parsicore.kernels.base import Activation, KernelContext, KernelSpec, apply_activation
-from parsicore.kernels.numba_backend import epilogue, packed_gemm, row_gemm, winograd
+from parsicore.kernels.numba_backend import blas_split, epilogue, packed_gemm, parallel, row_gemm, winograd
 from parsicore.kernels.numba_backend.epilogue import (
     activate_value,
     activation_params,
@@ -786,6 +786,8 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       row_gemm=row_gemm.row_gemm if row_gemm.ENABLED else None,
                                       row_gemm_pays=row_gemm.pays if row_gemm.ENABLED else None,
                                       row_gemm_wide=row_gemm.wide if row_gemm.ENABLED else None,
+                                      split_matmul=blas_split.split_matmul if blas_split.available() else None,
+                                      split_min_macs=lambda: parallel.MIN_PARALLEL_MACS,
                                       zero_other_rows=zero_other_rows)
 
 

@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 
 from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend.epilogue import activation_params, all_indices, finish_span, zeros
-from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, jit_inline, serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, jit_inline, serial_and_parallel, splits_gemm
 
 
 class MicroShape(NamedTuple):
@@ -701,7 +701,7 @@ def channel_steps(channels: np.ndarray, taps: int) -> np.ndarray:
 
 def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, bias: np.ndarray | None,
                 act: Activation | None, context: KernelContext | None = None, rows: np.ndarray | None = None,
-                parallel_macs: int = 1 << 25, steps: np.ndarray | None = None) -> None:
+                parallel_macs: int | None = None, steps: np.ndarray | None = None) -> None:
     """out[rows] = act(A @ b + bias[rows, None]) for A the ``m`` x K matrix of ``packed`` (pack or
     pack_gathered); the other rows of out are not written. ``steps``: int64 (S,) sorted distinct columns of A
     to use (A[:, steps] @ b, read in place from the packed weights: the active input channels' c*T + t), b then
@@ -709,7 +709,7 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
 
     b: float32 (K, N) C-contiguous; out: float32 (R, N) C-contiguous; rows: int64 (m,) distinct rows of out
     (None: 0..m-1); bias: float32 (R,) or None. Split over the run's threads by panels when it has
-    ``parallel_macs`` MACs or more.
+    ``parallel_macs`` MACs or more (None: parallel.MIN_PARALLEL_MACS).
     """
     _require_micro()
     k = packed.depth if steps is None else _checked_steps(steps, packed.depth)
@@ -731,7 +731,7 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
     has_bias = bias is not None
     threads = None if context is None else context.threads
     macs = m * k * b.shape[1]
-    parallel = threads != 1 and macs >= parallel_macs
+    parallel = splits_gemm(threads, macs, None, parallel_macs)
     panels = panel_count(m)
     chunks = min(panels, numba.config.NUMBA_NUM_THREADS if threads is None else threads) if parallel else 1
     starts, local, indexed = _step_tables(packed, steps)
@@ -741,12 +741,13 @@ def packed_gemm(packed: PackedWeights, m: int, b: np.ndarray, out: np.ndarray, b
 
 
 def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, context: KernelContext | None = None,
-                       parallel: bool | None = None, parallel_macs: int = 1 << 25,
+                       parallel: bool | None = None, parallel_macs: int | None = None,
                        steps: np.ndarray | None = None) -> None:
     """out[x] = U[x] @ b[x] for the X slices packed by :func:`pack_slices`: b float32 (X, K, N), out float32 (X, M,
     N), C-contiguous. ``steps``: int64 (S,) sorted distinct columns of every U[x] to use (U[x][:, steps] @ b[x],
     read in place: a Winograd conv's active input channels), b then (X, S, N). Slices split over the run's threads
-    when ``parallel`` is True, or is None and the stack has ``parallel_macs`` MACs or more."""
+    when ``parallel`` is True, or is None and the stack has ``parallel_macs`` MACs or more (None:
+    parallel.MIN_PARALLEL_MACS)."""
     _require_micro()
     m = packed.rows
     k = packed.depth if steps is None else _checked_steps(steps, packed.depth)
@@ -757,7 +758,7 @@ def packed_gemm_slices(packed: PackedWeights, b: np.ndarray, out: np.ndarray, co
         raise ValueError(f"out must be C-contiguous float32 {(slices, m, b.shape[2])}, got {out.shape}")
     threads = None if context is None else context.threads
     macs = out.size * k
-    run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
+    run_parallel = splits_gemm(threads, macs, parallel, parallel_macs)
     starts, local, indexed = _step_tables(packed, steps)
     _gemm_slices_kernel(threads, macs if run_parallel else 0, packed.data, m, packed.block, packed.depth, starts,
                         local, indexed, b, all_indices(m), _WIDTHS, TILE_BYTES, out)

@@ -23,12 +23,38 @@ from typing import Any
 
 import numba
 
+from parsicore import threads
+
 #: Below this many elements of work a kernel runs serially even when threads are allowed (tuned with
 #: numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1; on a
 #: Xeon VM 2^18 made MobileNetV2 1.17x slower with 2 threads than with 1, 2^20 1.06x, with ResNet-18-gated50
 #: still gaining, 0.88x). A parallel kernel also costs its reader: the half of its output written on the
 #: other core is read by the next step on this one (scripts/profile_steps.py MODEL --serial-numba shows it).
 MIN_PARALLEL_WORK = 1 << 20
+
+#: Whether this process's OpenMP threads wait spinning between parallel regions (parsicore.threads.threads_spin;
+#: read once, as libgomp reads the environment once, when the threading layer loads).
+SPINNING = threads.threads_spin()
+
+#: GEMMs of at least this many MACs run split over the pool: the row GEMM, the packed GEMM and, through
+#: blas_split, OpenBLAS's. Sleeping threads (the default) cost ~15-100 us to wake, and only GEMMs of 2^25 MACs
+#: paid for it (numpy_backend.conv.PARALLEL_GEMM_MACS). Spinning ones (GOMP_SPINCOUNT set by the user) take a
+#: region in ~2 us, and from 2^20 MACs (~10-20 us alone) a GEMM gains from a second thread: with
+#: GOMP_SPINCOUNT=30000 and calls back to back, MobileNetV2 0.767, ResNet-18 0.914, the small CNN 0.907 of their
+#: 2-thread latency asleep (python scripts/ab_checkouts.py MODEL . . --threads 2 --env-b "GOMP_SPINCOUNT=30000",
+#: fourteenth session, Zen 4 VM).
+MIN_PARALLEL_MACS = 1 << 20 if SPINNING else 1 << 25
+
+
+def splits_gemm(threads: int | None, macs: int, forced: bool | None = None, min_macs: int | None = None) -> bool:
+    """Whether a GEMM of ``macs`` MACs runs split over the pool: never with one thread; else ``forced`` when
+    given, else from ``min_macs`` (None: :data:`MIN_PARALLEL_MACS`, read at the call)."""
+    if threads == 1:
+        return False
+    if forced is not None:
+        return forced
+    return macs >= (MIN_PARALLEL_MACS if min_macs is None else min_macs)
+
 
 #: Held while a parallel build runs. Module-level on purpose: Numba's thread pool is one per process.
 PARALLEL_GATE = threading.Lock()

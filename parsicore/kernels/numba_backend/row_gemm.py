@@ -34,7 +34,7 @@ from parsicore.kernels.base import Activation, KernelContext
 from parsicore.kernels.numba_backend import packed_gemm
 from parsicore.kernels.numba_backend.epilogue import activation_params, clamp_bounds, finish_span, zeros
 from parsicore.kernels.numba_backend.packed_gemm import outer_update, step_loop
-from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel
+from parsicore.kernels.numba_backend.parallel import chunk_bounds, jit, serial_and_parallel, splits_gemm
 
 LANES = 16
 VECTORS = 4
@@ -305,12 +305,13 @@ def _require() -> None:
 
 def row_gemm(w: np.ndarray, rows: np.ndarray, b: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
              act: Activation | None = None, context: KernelContext | None = None, dest: np.ndarray | None = None,
-             parallel: bool | None = None, parallel_macs: int = 1 << 25) -> None:
+             parallel: bool | None = None, parallel_macs: int | None = None) -> None:
     """out[..., dest[i], :] = act(w[..., rows[i], :] @ b + bias[dest[i]]), one GEMM or a stack of X (Winograd's
     slices): w float32 (M, K) or (X, M, K) C-contiguous, read in place; rows int64 (R,) within 0..M-1; b float32
     ([X,] K, N) C-contiguous; out float32 ([X,] D, N) C-contiguous; dest int64 (R,) distinct rows of out (None:
     ``rows``); bias float32 (D,) or None. Rows of out not in dest are not written. Split over the run's threads
-    when ``parallel`` is True, or is None and the call has ``parallel_macs`` MACs or more."""
+    when ``parallel`` is True, or is None and the call has ``parallel_macs`` MACs or more (None:
+    parallel.MIN_PARALLEL_MACS)."""
     _require()
     if w.ndim not in (2, 3) or not w.flags.c_contiguous or w.dtype != np.float32:
         raise ValueError(f"w must be C-contiguous float32 ([X,] M, K), got {w.shape} {w.dtype}")
@@ -336,7 +337,7 @@ def row_gemm(w: np.ndarray, rows: np.ndarray, b: np.ndarray, out: np.ndarray, bi
     threads = None if context is None else context.threads
     slices = w.shape[0] if w.ndim == 3 else 1
     macs = slices * rows.size * k * n
-    run_parallel = threads != 1 and (parallel if parallel is not None else macs >= parallel_macs)
+    run_parallel = splits_gemm(threads, macs, parallel, parallel_macs)
     workers = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     chunks = min(-(-rows.size // ROWS), -(-workers // slices)) if run_parallel else 1
     offs = row_offsets(rows, k)

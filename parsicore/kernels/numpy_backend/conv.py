@@ -346,6 +346,11 @@ class ConvMicrokernels:
     row_gemm_wide: Callable[[int, int], bool] | None = None
     #: (y (K, P), rows (R,) sorted): the rows not in ``rows`` set to 0.
     zero_other_rows: Callable[[np.ndarray, np.ndarray], None] = zero_other_rows
+    #: (a, b, out, threads, by_rows) -> bool: out = a @ b split over the backend's own thread pool (2-D by row
+    #: or column blocks, a stack by slices); False where it cannot (the helper threads split it then). None: never.
+    split_matmul: Callable[[np.ndarray, np.ndarray, np.ndarray, int, bool], bool] | None = None
+    #: () -> the fewest MACs of a GEMM split_matmul takes (below, one call on the calling thread).
+    split_min_macs: Callable[[], int] | None = None
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
@@ -785,8 +790,13 @@ class ConvKernel:
         choice (None: split from PARALLEL_GEMM_MACS)."""
         threads = self.context.threads
         macs = out.size * a.shape[-1]
-        if threads is None or threads <= 1 or (macs < PARALLEL_GEMM_MACS if split is None else not split):
+        own_pool = self.micro.split_matmul is not None
+        least = self.micro.split_min_macs() if own_pool and self.micro.split_min_macs else PARALLEL_GEMM_MACS
+        if threads is None or threads <= 1 or (macs < least if split is None else not split):
             np.matmul(a, b, out=out)
+            return
+        by_rows = a.ndim == 2 and a.shape[0] >= GEMM_CHUNK * threads and a.size >= b.size
+        if own_pool and self.micro.split_matmul(a, b, out, threads, by_rows):  # type: ignore[misc]
             return
         if a.ndim == 3:
             step = max(1, a.shape[0] // (2 * threads))
@@ -795,7 +805,7 @@ class ConvKernel:
             def task(i: int) -> None:
                 s = slice(i * step, (i + 1) * step)
                 np.matmul(a[s], b[s], out=out[s])
-        elif a.shape[0] >= GEMM_CHUNK * threads and a.size >= b.size:
+        elif by_rows:
             step = -(-a.shape[0] // (GEMM_CHUNKS_PER_THREAD * threads))
             count = -(-a.shape[0] // step)
 
