@@ -8,12 +8,16 @@ How a run is made fair:
 - Same input: standard-normal float32 of the model's input shape, from a fixed seed.
 - Same threads: ``parsicore.load(threads=N)`` (and BLAS limited to N through threadpoolctl when installed),
   ONNX Runtime ``intra_op_num_threads=N, inter_op_num_threads=1``, ``torch.set_num_threads(N)``.
-- No spinning between calls: ONNX Runtime's pool threads are told not to spin-wait after a call
-  (``session.intra_op.allow_spinning = 0``), as parsicore's and PyTorch's OpenMP threads already sleep
-  (``OMP_WAIT_POLICY=PASSIVE``). Spinning threads would hold the cores during the next engine's call in
-  the alternation and slow it, which says nothing about either engine.
-- Interleaved: one call of each engine in turn (parsicore, onnxruntime, torch, parsicore, ...), so a load
-  change on a shared machine hits every engine alike; the first ``warmup`` rounds are not recorded.
+- Interleaved in short turns: ``block`` calls of each engine in turn (parsicore x4, onnxruntime x4, torch x4,
+  parsicore x4, ...), so a load change on a shared machine hits every engine alike; the first ``warmup`` rounds
+  (one call each) are not recorded, nor is the first call of each turn. That call follows another engine's,
+  whose pool threads may still be spinning on the cores (parsicore's OpenMP threads ~1.5 ms on x86-64, see
+  :mod:`parsicore.threads`; ONNX Runtime's ~0.5 ms even with ``session.intra_op.allow_spinning = 0``, measured
+  as process CPU time against wall time on a 2-vCPU VM; PyTorch's OpenMP threads read the same environment as
+  parsicore's) and whose data has just filled the caches: timing it would measure the neighbour, not the engine.
+  With ``block=1`` every call is timed and engines alternate call by call (the tables up to the fourteenth
+  session's were made so). ONNX Runtime's pool is still told not to spin between calls (its default spins ~20
+  ms after each call, longer than a turn).
 
 Reported per engine: median and p90 latency of a call (batch included), GFLOP/s on the MACs the engine
 executes (``2 * MACs / median``: parsicore's ``RunStats.macs_executed``, the dense count for the peers), the
@@ -69,6 +73,8 @@ class BenchConfig:
     compare: tuple[str, ...] = PEERS
     isolate: bool = False
     seed: int = INPUT_SEED
+    #: Calls of one engine in a row; the first of each turn is untimed (1: every call timed, engines call by call).
+    block: int = 4
 
 
 @dataclass
@@ -98,8 +104,10 @@ class EngineResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "engine": self.engine, "version": self.version, "median_ms": round(self.median_ms, 4),
-            "p90_ms": round(self.p90_ms, 4), "min_ms": round(min(self.latencies_ms), 4),
+            # Microsecond models (a small CNN on ONNX Runtime: ~25 us) need more than 4 decimals of ms for their
+            # ratios to be recomputed from the JSON to 0.1 %.
+            "engine": self.engine, "version": self.version, "median_ms": round(self.median_ms, 6),
+            "p90_ms": round(self.p90_ms, 6), "min_ms": round(min(self.latencies_ms), 6),
             "gflops": round(self.gflops, 2), "macs_per_call": self.macs_per_call, "load_ms": round(self.load_ms, 1),
             "output_rel_diff": self.output_rel_diff, "isolated_peak_rss_mb": self.isolated_peak_rss_mb,
             "latencies_ms": [round(v, 4) for v in self.latencies_ms],
@@ -148,7 +156,8 @@ class BenchReport:
         return {
             "model": self.model, "name": self.name, "input_shape": list(self.input_shape),
             "threads": c.threads, "runs": c.runs, "warmup": c.warmup, "batch": c.batch, "threshold": c.threshold,
-            "keep": c.keep, "backend": self.backend, "order": "interleaved", "input_seed": c.seed,
+            "keep": c.keep, "backend": self.backend, "order": "interleaved" if c.block == 1 else "turns",
+            "block": c.block, "input_seed": c.seed,
             "macs_dense": self.macs_dense, "macs_executed": self.macs_executed,
             "macs_fraction": round(self.macs_fraction, 6),
             "kernels_fraction": None if self.kernels_fraction is None else round(self.kernels_fraction, 6),
@@ -308,6 +317,17 @@ def _rel_diff(ours: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray]) 
     return worst
 
 
+def timed_turns(cfg: BenchConfig) -> int:
+    """Turns of ``cfg.block`` calls per engine that give ``cfg.runs`` timed calls each."""
+    per_turn = cfg.block - 1 if cfg.block > 1 else 1
+    return -(-cfg.runs // per_turn)
+
+
+def total_calls(cfg: BenchConfig, engines: int) -> int:
+    """Every call a benchmark of ``engines`` engines makes (warm-up included): the progress bar's length."""
+    return (cfg.warmup + timed_turns(cfg) * cfg.block) * engines
+
+
 def run_benchmark(model: str | os.PathLike[str] | ModelFile, cfg: BenchConfig,
                   progress: Callable[[int], None] | None = None,
                   on_skip: Callable[[str, str], None] | None = None) -> BenchReport:
@@ -316,8 +336,8 @@ def run_benchmark(model: str | os.PathLike[str] | ModelFile, cfg: BenchConfig,
     progress(n): called after every timed or warm-up call. on_skip(engine, reason): called when a peer is
     skipped. Raises ParsicoreError for a bad model/option; peers never raise (they are skipped).
     """
-    if cfg.runs < 1 or cfg.warmup < 0 or cfg.batch < 1 or cfg.threads < 1:
-        raise InputError("runs, batch and threads must be >= 1 and warmup >= 0")
+    if cfg.runs < 1 or cfg.warmup < 0 or cfg.batch < 1 or cfg.threads < 1 or cfg.block < 1:
+        raise InputError("runs, batch, threads and block must be >= 1 and warmup >= 0")
     model_file = model if isinstance(model, ModelFile) else read_model(model)
     label = model_file.source if not isinstance(model, (str, os.PathLike)) else str(model)
     feeds = random_feeds(model_file, cfg.batch, cfg.seed)
@@ -339,15 +359,23 @@ def run_benchmark(model: str | os.PathLike[str] | ModelFile, cfg: BenchConfig,
         reference = ours.call()
         for e in engines[1:]:
             results[e.name].output_rel_diff = _rel_diff(reference, e.call())
-        for i in range(cfg.warmup + cfg.runs):
+        for _ in range(cfg.warmup):
             for e in engines:
-                t0 = time.perf_counter()
                 e.call()
-                elapsed = (time.perf_counter() - t0) * 1000
-                if i >= cfg.warmup:
-                    results[e.name].latencies_ms.append(elapsed)
                 if progress:
                     progress(1)
+        untimed = 1 if cfg.block > 1 else 0
+        for _ in range(timed_turns(cfg)):
+            for e in engines:
+                for j in range(cfg.block):
+                    t0 = time.perf_counter()
+                    e.call()
+                    elapsed = (time.perf_counter() - t0) * 1000
+                    latencies = results[e.name].latencies_ms
+                    if j >= untimed and len(latencies) < cfg.runs:
+                        latencies.append(elapsed)
+                    if progress:
+                        progress(1)
         if cfg.isolate:
             onnx_path = Path(tmp) / "model.onnx"
             for e in engines:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from parsicore.bench import PEER_ALIASES, PEERS, BenchConfig, BenchReport, run_benchmark
+from parsicore.bench import PEER_ALIASES, PEERS, BenchConfig, BenchReport, run_benchmark, total_calls
 from parsicore.format import read_model
 
 
@@ -47,6 +47,9 @@ def _default_threads(ctx: click.Context) -> int:
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed calls per engine.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Untimed rounds first (JIT compile, caches).")
+@click.option("--block", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calls of one engine in a row; the first of each turn is untimed (1: engines call by call, every "
+                   "call timed).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="LKAM gate threshold for every engine (default: the model's).")
 @click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
@@ -61,18 +64,18 @@ def _default_threads(ctx: click.Context) -> int:
                    "counts every engine loaded together).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.pass_context
-def bench(ctx: click.Context, model_path: Path, threads: int | None, runs: int, warmup: int, threshold: float | None,
-          keep: float | None, batch: int, backend: str | None, compare: tuple[str, ...], isolate: bool,
-          as_json: bool) -> None:
+def bench(ctx: click.Context, model_path: Path, threads: int | None, runs: int, warmup: int, block: int,
+          threshold: float | None, keep: float | None, batch: int, backend: str | None, compare: tuple[str, ...],
+          isolate: bool, as_json: bool) -> None:
     """Median and p90 latency of MODEL_PATH in parsicore and its peers, calls interleaved, same input and threads."""
     cfg = BenchConfig(threads=threads or _default_threads(ctx), runs=runs, warmup=warmup, threshold=threshold,
-                      keep=keep, batch=batch, backend=backend, compare=compare, isolate=isolate)
+                      keep=keep, batch=batch, backend=backend, compare=compare, isolate=isolate, block=block)
 
     def skipped(engine: str, reason: str) -> None:
         click.echo(f"parsicore: {engine} skipped: {reason}", err=True)
 
     model_file = read_model(model_path)  # a bad file fails here, in one line, before the progress bar starts
-    total = (cfg.warmup + cfg.runs) * (1 + len(cfg.compare))
+    total = total_calls(cfg, 1 + len(cfg.compare))
     with click.progressbar(length=total, file=sys.stderr, label="bench") as bar:
         report = run_benchmark(model_file, cfg, progress=bar.update, on_skip=skipped)
     if as_json:
@@ -93,7 +96,8 @@ def format_report(report: BenchReport) -> list[str]:
     lines = [
         f"model: {report.model}" + (f" ({report.name})" if report.name else ""),
         f"input {tuple(report.input_shape)}, threads {c.threads}, {c.runs} runs after {c.warmup} warm-up, "
-        f"calls interleaved" + (f", {', '.join(over)}" if over else ""),
+        + ("calls interleaved" if c.block == 1 else f"engines in turns of {c.block} calls (the first untimed)")
+        + (f", {', '.join(over)}" if over else ""),
     ]
     kernels = "" if report.kernels_fraction is None else f"; gated kernels on {report.kernels_fraction:.1%}"
     lines.append(f"MACs per call: {report.macs_dense:,} dense; parsicore executed {report.macs_fraction:.1%}{kernels}")

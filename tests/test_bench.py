@@ -6,7 +6,9 @@ Never timed assertions: only that latencies exist, are positive and are consiste
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 
 from parsicore import bench
 from parsicore.cli import main
+from parsicore.errors import ParsicoreError
 from tests.models import gated_cnn, small_cnn
 
 
@@ -66,7 +69,7 @@ def test_json_keys_with_every_installed_peer(capsys: Any, model_path: Path) -> N
     assert code == 0, err
     report = json.loads(out)
     assert TOP_KEYS <= set(report)
-    assert report["runs"] == 3 and report["threads"] == 1 and report["order"] == "interleaved"
+    assert report["runs"] == 3 and report["threads"] == 1 and report["order"] == "turns" and report["block"] == 4
     assert report["macs_fraction"] == 1.0 and report["kernels_fraction"] is None
     assert "parsicore" in report["engines"]
     for name, engine in report["engines"].items():
@@ -130,12 +133,64 @@ def test_in_memory_model_and_library_api() -> None:
     cfg = bench.BenchConfig(threads=1, runs=2, warmup=0, backend="numpy", compare=())
     progress: list[int] = []
     report = bench.run_benchmark(small_cnn(1).build(), cfg, progress=progress.append)
-    assert len(progress) == 2
+    assert len(progress) == bench.total_calls(cfg, 1) == 4  # one turn of 4 calls, the first untimed, 2 kept
+    assert len(report.engine("parsicore").latencies_ms) == 2  # type: ignore[union-attr]
     assert report.macs_dense == report.macs_executed > 0
     assert report.as_dict()["engines"]["parsicore"]["macs_per_call"] == report.macs_dense
 
 
+@pytest.mark.parametrize("block, runs, warmup", [(4, 5, 1), (2, 3, 0), (1, 3, 2), (3, 1, 0)])
+def test_engines_take_turns_and_the_first_call_of_a_turn_is_untimed(monkeypatch: pytest.MonkeyPatch, block: int,
+                                                                     runs: int, warmup: int) -> None:
+    """The call order is warm-up rounds (one call each), then turns of ``block`` calls per engine; the first call
+    of each turn (it follows another engine's) is not timed, unless block is 1."""
+    log: list[str] = []  # the engine of every call, in order
+    prepare = bench._prepare_parsicore
+    slow_s = 0.03  # a call that follows another engine's takes this much longer: it must not be timed
+
+    def logged(name: str, prepared: Any) -> Any:
+        def call() -> Any:
+            if log and log[-1] != name:
+                time.sleep(slow_s)
+            log.append(name)
+            return prepared.call()
+        return dataclasses.replace(prepared, name=name, call=call)
+
+    def fake_prepare(model_file: Any, feeds: Any, cfg: Any) -> Any:
+        prepared, state = prepare(model_file, feeds, cfg)
+        return logged("parsicore", prepared), state
+
+    def fake_peer(model_file: Any, feeds: Any, cfg: Any, macs: int, *rest: Any) -> Any:
+        prepared, _ = prepare(model_file, feeds, cfg)
+        return dataclasses.replace(logged("onnxruntime", prepared), version="fake")
+
+    monkeypatch.setattr(bench, "_prepare_parsicore", fake_prepare)
+    monkeypatch.setattr(bench, "_prepare_onnxruntime", fake_peer)
+    cfg = bench.BenchConfig(threads=1, runs=runs, warmup=warmup, backend="numpy", compare=("onnxruntime",),
+                            block=block)
+    report = bench.run_benchmark(small_cnn(1).build(), cfg)
+    calls = log[2:]  # after the reference call of each engine (outputs compared)
+    assert calls[: 2 * warmup] == ["parsicore", "onnxruntime"] * warmup
+    turns = calls[2 * warmup:]
+    assert len(turns) == bench.total_calls(cfg, 2) - 2 * warmup
+    expected_turns = (["parsicore"] * block + ["onnxruntime"] * block) * bench.timed_turns(cfg)
+    assert turns == expected_turns
+    per_turn = block - 1 if block > 1 else 1
+    assert bench.timed_turns(cfg) == -(-runs // per_turn)
+    for e in report.engines:
+        assert len(e.latencies_ms) == runs
+        slow = [t for t in e.latencies_ms if t >= slow_s * 1000]
+        assert len(slow) == (runs if block == 1 else 0), (e.engine, e.latencies_ms)
+
+
+def test_bad_block_is_an_input_error() -> None:
+    with pytest.raises(ParsicoreError, match="block"):
+        bench.run_benchmark(small_cnn(1).build(), bench.BenchConfig(threads=1, runs=1, block=0, backend="numpy",
+                                                                    compare=()))
+
+
 @pytest.mark.parametrize("args", [
+    ["--block", "0"],
     ["--runs", "0"],
     ["--warmup", "-1"],
     ["--threads", "0"],
