@@ -18,17 +18,19 @@ run whose kernels all stay serial never starts Numba's pool (see
 both use all N threads.
 
 Waiting threads: libgomp (Numba's ``omp`` threading layer) lets a thread that finished its part of a parallel
-region spin ``GOMP_SPINCOUNT`` times before it sleeps; unset, 300000 spins (~15 ms on a Zen 4 VM), which
-stole the core the next GEMM's helper thread needed (small parallel kernels ran 70-1000x slower on a busy
-machine). :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy
-(``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``); it must run before Numba's threading layer loads libgomp (the numba
-backend calls it before it imports Numba). Asleep, a thread takes ~15-100 us to wake on the VMs measured here,
-so only large kernels and GEMMs run split. A bounded spin (``GOMP_SPINCOUNT=30000``, ~1.5 ms on the Zen 4 VM of
-the fourteenth session) hands a region over in ~2 us within a stream of back-to-back calls, and the numba
-backend then splits GEMMs from 2^20 MACs (:func:`threads_spin`); it is not the default because on that VM the
-first parallel region after an idle spell longer than the spin took about as long as the spin (1.5 ms against
-~15-70 us asleep; ``python scripts/bench_thread_wakeup.py``), which a program calling the model now and then
-would pay on every call. PERFORMANCE.md has the figures.
+region spin ``GOMP_SPINCOUNT`` times before it sleeps; unset, 300000 spins (~15 ms on a Zen 4 VM), which stole
+the core the next GEMM's helper thread needed (small parallel kernels ran 70-1000x slower on a busy machine).
+Asleep (``OMP_WAIT_POLICY=PASSIVE``), a thread takes ~15-100 us to wake on the VMs measured here, as long as a
+14x14 layer, so only kernels and GEMMs of 2^25 MACs could pay for a second thread. :func:`prepare_environment`
+sets, unless the user chose a policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``): on x86-64 a bounded spin,
+``GOMP_SPINCOUNT`` = :data:`SPIN_COUNT` (~1.5 ms on the fourteenth session's Zen 4 VM; the next region of the
+same call finds the thread awake, ~2 us), elsewhere ``PASSIVE`` (no board has measured a spin yet:
+``python scripts/bench_thread_wakeup.py`` and ``scripts/ab_checkouts.py --env-b`` do). With spinning threads
+the numba backend splits GEMMs from 2^20 MACs (:func:`threads_spin`, ``parallel.MIN_PARALLEL_MACS``), runs every
+GEMM split in Numba's pool (``blas_split``: no helper thread competes with a spinning one) and keeps the pool's
+workers off the caller's CPU (``pool_pinning``: else a worker woken after an idle spell waited out the caller's
+spin, 1.5 ms). It must run before Numba's threading layer loads libgomp (the numba backend calls it before it
+imports Numba).
 
 No OpenBLAS found (NumPy built on MKL/Accelerate, an exotic OpenBLAS): :func:`apply` changes nothing,
 :func:`blas_info` says so, and that BLAS may add threads of its own to each chunk; ``threadpoolctl`` can
@@ -41,6 +43,7 @@ import ctypes
 import functools
 import itertools
 import os
+import platform
 import queue
 import sys
 import threading
@@ -48,8 +51,13 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Environment defaults that must be in place before the thread pools start (unless the user chose a policy).
-ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: libgomp spins of a thread between parallel regions on x86-64 (``GOMP_SPINCOUNT``). On the 2-vCPU Zen 4 VM of the
+#: fourteenth session (process CPU time after one region, then a sleep): 3000 ~0.15 ms, 10000 ~0.5 ms, 30000
+#: ~1.5 ms. The small CNN at 2 threads, 10 x 100 calls alone: 3000 and 10000 alternated between 0.41 and 0.65 ms
+#: a call (a gap between two regions of a call outlasted the spin), 30000 held 0.40-0.42.
+SPIN_COUNT = 30000
+#: Machines (platform.machine(), lower case) whose threads spin by default: where it was measured.
+SPINNING_MACHINES = frozenset({"x86_64", "amd64"})
 #: Variables by which a user chooses the wait policy of OpenMP threads (libgomp).
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -60,14 +68,24 @@ SYMBOL_FORMS = (("", ""), ("", "64_"), ("scipy_", "64_"), ("scipy_", ""))
 NOLOAD_MODE = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0) or ctypes.DEFAULT_MODE
 
 
-def prepare_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set :data:`ENVIRONMENT_DEFAULTS` unless the user chose a wait policy (a variable of
+def environment_defaults(machine: str | None = None) -> dict[str, str]:
+    """The wait policy of OpenMP threads on ``machine`` (platform.machine(); None: this one): a bounded spin on
+    :data:`SPINNING_MACHINES`, sleeping threads elsewhere (see the module docstring)."""
+    machine = (platform.machine() if machine is None else machine).lower()
+    if machine in SPINNING_MACHINES:
+        return {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def prepare_environment(environ: MutableMapping[str, str] | None = None, machine: str | None = None) -> dict[str, str]:
+    """Set :func:`environment_defaults` unless the user chose a wait policy (a variable of
     :data:`WAIT_POLICY_VARIABLES` set); returns what was set."""
     target = os.environ if environ is None else environ
     if any(var in target for var in WAIT_POLICY_VARIABLES):
         return {}
-    target.update(ENVIRONMENT_DEFAULTS)
-    return dict(ENVIRONMENT_DEFAULTS)
+    added = environment_defaults(machine)
+    target.update(added)
+    return added
 
 
 _SPIN_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -24,6 +24,7 @@ from typing import Any
 import numba
 
 from parsicore import threads
+from parsicore.kernels.numba_backend import pool_pinning
 
 #: Below this many elements of work a kernel runs serially even when threads are allowed (tuned with
 #: numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1; on a
@@ -56,6 +57,10 @@ def splits_gemm(threads: int | None, macs: int, forced: bool | None = None, min_
     return macs >= (MIN_PARALLEL_MACS if min_macs is None else min_macs)
 
 
+#: Whether the pool's workers are pinned off the caller's CPU before each parallel region (pool_pinning): only
+#: when they spin, the one case where a woken worker placed on the caller's CPU waits out the caller's spin.
+PIN_WORKERS = SPINNING and pool_pinning.available()
+
 #: Held while a parallel build runs. Module-level on purpose: Numba's thread pool is one per process.
 PARALLEL_GATE = threading.Lock()
 
@@ -84,6 +89,8 @@ class KernelPair:
                                                                                    numba.config.NUMBA_NUM_THREADS)
                 if numba.get_num_threads() != wanted:
                     numba.set_num_threads(wanted)
+                if PIN_WORKERS:
+                    pool_pinning.worker_pins().ensure(wanted)
                 return self.parallel(*args)
             finally:
                 PARALLEL_GATE.release()
