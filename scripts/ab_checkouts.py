@@ -3,8 +3,9 @@ turn, round by round (A B, B A, A B, ...), so a change in the machine's speed hi
 
     git worktree add /tmp/base <commit>
     python scripts/ab_checkouts.py MODEL.h5 /tmp/base . [--rounds 20] [--calls 50] [--threads 1]
-    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --env-a "OMP_WAIT_POLICY=PASSIVE" --env-b "GOMP_SPINCOUNT=30000"
-    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --gap-ms 5 ...         # calls now and then, not back to back
+    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --env-a "OMP_WAIT_POLICY=PASSIVE" \
+        --env-b "GOMP_SPINCOUNT=30000"                                   # one engine, two environments
+    python scripts/ab_checkouts.py MODEL.h5 . . --threads 2 --gap-ms 5 ...  # calls now and then, not back to back
 
 Prints each checkout's median latency and the median (and range) of the per-round ratios B/A: the ratio is
 the figure to trust on a shared machine, whose speed here changed by up to 1.5x within minutes.
@@ -73,8 +74,8 @@ def main() -> None:
         root = str(checkout.resolve())
         env = {**os.environ, **env_extra, "PYTHONPATH": root}
         workers.append(subprocess.Popen([sys.executable, "-c", WORKER, root, str(args.model.resolve()),
-                                         str(args.threads), str(args.gap_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env))
+                                         str(args.threads), str(args.gap_ms)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env))
     for name, w in zip("AB", workers):
         print(f"{name}: {w.stdout.readline().strip()}")
     medians: list[list[float]] = [[], []]

@@ -12,10 +12,11 @@ PASSIVE 43 / 14 / 27 / 68; GOMP_SPINCOUNT=30000 2 / 48 / 1507 / 1539; 10000 25 /
 200 / 224. Spinning threads hand a region over in microseconds while they spin, but once asleep the first region
 after the gap cost about as long as the spin itself: the woken thread is placed on the CPU of the thread that woke
 it, which then spins in the region's end barrier on that CPU until its count runs out. With the threads bound to
-CPUs (GOMP_SPINCOUNT=30000 OMP_PROC_BIND=true): 2 / 35 / 57 / 108. parsicore's default stays PASSIVE
-(parsicore.threads): binding pins the calling (main) thread to one CPU, and every thread it starts afterwards
-inherits that mask (an application's own threads, another engine's pool). Run it on a board before choosing a
-spin count there.
+CPUs (GOMP_SPINCOUNT=30000 OMP_PROC_BIND=true): 2 / 35 / 57 / 108. OpenMP's binding also pins the calling
+(main) thread, and every thread it starts afterwards inherits that mask (an application's own threads, another
+engine's pool), so parsicore pins only the pool's workers, off the caller's CPU
+(parsicore.kernels.numba_backend.pool_pinning), and spins by default on x86-64 only (parsicore.threads). This
+script times libgomp alone, without that pinning. Run it on a board before choosing a spin count there.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 Why: a run with 2+ threads had two pools, Numba's (its kernels) and parsicore's Python helper threads
 (:func:`parsicore.threads.run_chunks`, the BLAS chunks), each with its own hand-off. In one pool every split of a
-run waits the same way (:mod:`parsicore.threads`: asleep by default, or spinning where the user sets
-``GOMP_SPINCOUNT``), and no helper thread competes with a spinning OpenMP thread for its core (a twelfth-session
-finding: ResNet-18-gated50 1.15x slower with spinning OpenMP threads beside the helper threads). Measured with
-sleeping threads (fourteenth session, 2-vCPU Zen 4 VM, ``python scripts/ab_checkouts.py MODEL BASE . --threads 2``
-against the helper threads): ResNet-18-gated50 0.933, ResNet-18 1.004, MobileNetV2 0.996.
+run waits the same way (:mod:`parsicore.threads`: spinning briefly on x86-64, asleep elsewhere), and no helper
+thread competes with a spinning OpenMP thread for its core (a twelfth-session finding: ResNet-18-gated50 1.15x
+slower with spinning OpenMP threads beside the helper threads). ``python scripts/bench_kernels.py --only
+pool_splits`` (2 threads, 2 blocks, against the helper threads; fourteenth session, 2-vCPU Zen 4 VM): asleep
+0.99-1.02, spinning 0.61-0.83. In models with sleeping threads (``python scripts/ab_checkouts.py MODEL BASE .
+--threads 2``): ResNet-18-gated50 0.933, ResNet-18 1.004, MobileNetV2 0.996.
 
 How: Numba calls C functions through a pointer (an ``@intrinsic`` that casts an integer address to
 ``cblas_sgemm``'s type and calls it). The address is a run-time argument, not a constant compiled in, so the
@@ -19,7 +20,7 @@ The address is looked up in the OpenBLAS NumPy loaded (:func:`parsicore.threads.
 NumPy's wheels, 64-bit integers). No OpenBLAS, or no ``cblas_sgemm`` in it: :func:`available` is False and the
 conv kernels keep the helper threads.
 
-Figures: ``python scripts/bench_kernels.py --only gemm_splits``.
+Figures: ``python scripts/bench_kernels.py --only pool_splits``.
 """
 
 from __future__ import annotations

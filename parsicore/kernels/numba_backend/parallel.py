@@ -38,11 +38,11 @@ MIN_PARALLEL_WORK = 1 << 20
 SPINNING = threads.threads_spin()
 
 #: GEMMs of at least this many MACs run split over the pool: the row GEMM, the packed GEMM and, through
-#: blas_split, OpenBLAS's. Sleeping threads (the default) cost ~15-100 us to wake, and only GEMMs of 2^25 MACs
-#: paid for it (numpy_backend.conv.PARALLEL_GEMM_MACS). Spinning ones (GOMP_SPINCOUNT set by the user) take a
-#: region in ~2 us, and from 2^20 MACs (~10-20 us alone) a GEMM gains from a second thread: with
-#: GOMP_SPINCOUNT=30000 and calls back to back, MobileNetV2 0.767, ResNet-18 0.914, the small CNN 0.907 of their
-#: 2-thread latency asleep (python scripts/ab_checkouts.py MODEL . . --threads 2 --env-b "GOMP_SPINCOUNT=30000",
+#: blas_split, OpenBLAS's. Sleeping threads (OMP_WAIT_POLICY=PASSIVE) cost ~15-100 us to wake, and only GEMMs
+#: of 2^25 MACs paid for it (numpy_backend.conv.PARALLEL_GEMM_MACS). Spinning ones (parsicore.threads: the
+#: default on x86-64) take a region in ~2 us, and from 2^20 MACs (~10-20 us alone) a GEMM gains from a second
+#: thread; 2^22 made the small CNN 1.10x slower at 2 threads, others 0.98-1.02 (python scripts/ab_settings.py
+#: MODEL --threads 2 --a "parallel.MIN_PARALLEL_MACS=1048576" --b "parallel.MIN_PARALLEL_MACS=4194304",
 #: fourteenth session, Zen 4 VM).
 MIN_PARALLEL_MACS = 1 << 20 if SPINNING else 1 << 25
 
