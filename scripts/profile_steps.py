@@ -5,6 +5,7 @@ another, or a 2-thread run with Numba's parallel builds from the same run with t
     python scripts/profile_steps.py MODEL.h5 --serial-numba [--threads 2]           # parallel vs serial kernels
     python scripts/profile_steps.py MODEL.h5 --a-set winograd.MIN_TILES_F4=1073741824  # A loaded with a setting
     python scripts/profile_steps.py MODEL.h5 --b-threads 2                           # 1 thread vs 2, per step
+    python scripts/profile_steps.py MODEL.h5 --threads 2 --b-work 65536              # a lower parallel threshold
 
 Every step's kernel is wrapped in a timer (numba backend); steps are matched by name. Prints per step the two
 medians (us), the steps with the largest differences first, the sums, and the sums by the last part of the
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path, nargs="?", help="second model (default: A again, see --serial-numba)")
     ap.add_argument("--serial-numba", action="store_true", help="B runs with Numba's parallel builds off")
+    ap.add_argument("--b-work", type=int, default=None, metavar="N",
+                    help="B runs with parallel.MIN_PARALLEL_WORK = N (read at each call)")
     ap.add_argument("--a-set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="load A with this module constant (repeatable); B is A's model without it by default")
     ap.add_argument("--threads", type=int, default=None, help="default 1, or 2 with --serial-numba")
@@ -68,8 +71,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    if args.b is None and not args.serial_numba and not args.a_set and args.b_threads is None:
-        ap.error("give a second model, --serial-numba, --a-set or --b-threads")
+    if args.b is None and not args.serial_numba and not args.a_set and args.b_threads is None and args.b_work is None:
+        ap.error("give a second model, --serial-numba, --a-set, --b-threads or --b-work")
+    if args.serial_numba and args.b_work is not None:
+        ap.error("--serial-numba is --b-work 2**62: give one of them")
     threads = args.threads or (2 if args.serial_numba else 1)
     with settings(args.a_set):
         a, ta = timed(args.a, threads)
@@ -78,9 +83,11 @@ def main() -> None:
     x = np.random.default_rng(0).random((1, *a.inputs[0].shape[1:]), dtype=np.float32)
     default_work = parallel.MIN_PARALLEL_WORK
 
+    b_work = 1 << 62 if args.serial_numba else args.b_work
+
     def call_b() -> None:
-        if args.serial_numba:
-            parallel.MIN_PARALLEL_WORK = 1 << 62
+        if b_work is not None:
+            parallel.MIN_PARALLEL_WORK = b_work
         try:
             b(x)
         finally:
@@ -95,7 +102,8 @@ def main() -> None:
     ma = {k: float(np.median(v)) * 1e6 for k, v in ta.items()}
     mb = {k: float(np.median(v)) * 1e6 for k, v in tb.items()}
     ops = {s.name: (s.op_type, tuple(s.out_shapes[0])) for s in (*a.plan.steps, *b.plan.steps)}
-    label_b = "serial numba" if args.serial_numba else (args.b or args.a).name
+    label_b = "serial numba" if args.serial_numba else (args.b or args.a).name + (
+        f" (parallel.MIN_PARALLEL_WORK={b_work})" if b_work is not None else "")
     label_a = args.a.name + "".join(f" ({item})" for item in args.a_set)
     if b_threads != threads:
         label_a, label_b = f"{label_a} at {threads} thread(s)", f"{label_b} at {b_threads}"

@@ -48,6 +48,35 @@ def test_stack_split_matches_reference(slices: int, m: int, k: int, n: int, thre
     check(seeded_array(seed, (slices, m, k)), seeded_array(seed + 1, (slices, k, n)), threads, by_rows)
 
 
+@given(m=st.integers(1, 40), k=st.integers(1, 30), n=st.integers(1, 40), pads=st.tuples(*[st.integers(0, 5)] * 3),
+       threads=st.integers(2, 4), by_rows=st.booleans(), seed=st.integers(0, 2**16))
+def test_strided_rows_match_reference(m: int, k: int, n: int, pads: tuple[int, int, int], threads: int,
+                                      by_rows: bool, seed: int) -> None:
+    """Operands that are column blocks of wider matrices (rows further apart than their length), as a blocked
+    conv's GEMM writes its block of output columns: only those columns of out are written."""
+    pa, pb, pc = pads
+    a_wide = seeded_array(seed, (m, k + pa))
+    b_wide = seeded_array(seed + 1, (k, n + pb))
+    a, b = a_wide[:, pa:], b_wide[:, :n]
+    out_wide = np.full((m, n + pc), 9.0, dtype=np.float32)
+    out = out_wide[:, pc:]
+    assert blas_split.split_matmul(a, b, out, threads, by_rows)
+    want = reference(a, b)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())) * k**0.5)
+    assert (out_wide[:, :pc] == 9.0).all()
+
+
+def test_strided_stack_matches_reference() -> None:
+    """Slices further apart than a slice (views of a larger stack)."""
+    a = seeded_array(5, (6, 7, 9))[::2, :, 1:]  # 3 slices, slice stride 2 slices, rows 9 apart
+    b = seeded_array(6, (3, 8, 5))
+    out_big = np.full((3, 7, 6), 9.0, dtype=np.float32)
+    out = out_big[:, :, :5]
+    assert blas_split.split_matmul(a, b, out, 2, False)
+    np.testing.assert_allclose(out, reference(a, b), rtol=1e-4, atol=1e-4)
+    assert (out_big[:, :, 5] == 9.0).all()
+
+
 def test_split_runs_the_parallel_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller decided to split: the kernel pair's own work threshold must not send it to the serial build."""
     calls: list[str] = []
@@ -63,7 +92,8 @@ def test_split_runs_the_parallel_build(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_allclose(out, reference(a, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["transposed", "float64", "mismatched", "empty", "one thread", "1-d"])
+@pytest.mark.parametrize("case", ["transposed", "float64", "mismatched", "empty", "one thread", "1-d",
+                                  "reversed rows", "out overlaps a", "broadcast out slices"])
 def test_refused_operands_leave_out_untouched(case: str) -> None:
     a, b = seeded_array(3, (6, 5)), seeded_array(4, (5, 7))
     out = np.full((6, 7), 7.0, dtype=np.float32)
@@ -78,6 +108,19 @@ def test_refused_operands_leave_out_untouched(case: str) -> None:
         a, b, out = a[:, :0], b[:0], out
     elif case == "one thread":
         threads = 1
+    elif case == "reversed rows":
+        a = a[::-1]
+    elif case == "out overlaps a":
+        shared = np.full((6, 12), 7.0, dtype=np.float32)
+        a, b, out = shared[:, :5], seeded_array(4, (5, 7)), shared[:, 5:]
+        a[:] = seeded_array(3, (6, 5))
+        before = shared.copy()
+        assert not blas_split.split_matmul(a, b, out, threads, True)
+        assert (shared == before).all()
+        return
+    elif case == "broadcast out slices":
+        a, b = seeded_array(3, (2, 6, 5)), seeded_array(4, (2, 5, 7))
+        out = np.broadcast_to(np.full((1, 6, 7), 7.0, dtype=np.float32), (2, 6, 7))
     else:
         a, b, out = a[0], b, out[0]
     assert not blas_split.split_matmul(a, b, out, threads, True)

@@ -174,6 +174,46 @@ def test_conv_im2col_row_blocks_match_reference(backend: str, threads: int, case
     assert_close(y, want, scale)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("act", [None, "relu", "clip"])
+@given(size=st.integers(34, 60), stride=st.integers(1, 2), pad=st.integers(0, 3), block=st.integers(100, 3000),
+       seed=st.integers(0, 2**16))
+def test_conv_row_blocks_on_the_numba_pool_match_reference(threads: int, act: str | None, size: int, stride: int,
+                                                           pad: int, block: int, seed: int) -> None:
+    """The numba backend runs a blocked conv's blocks on its own pool (im2col, cblas_sgemm and epilogue per block
+    on one thread: conv.blocked_conv) where rows are wide enough for the row-copy im2col: every block, its
+    padding rows above and below, a last block of fewer rows, against the reference."""
+    numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
+    from parsicore.kernels.base import KernelContext
+    from parsicore.kernels.numpy_backend import conv as numpy_conv
+
+    attrs = ConvAttrs(stride=(stride, stride), pads=(pad,) * 4)
+    out = (size + 2 * pad - 5) // stride + 1
+    activation = None if act is None else Activation(act, lo=0.0, hi=6.0) if act == "clip" else Activation(act)
+    case = ConvCase(attrs, seeded_array(seed, (1, 3, size, size)), seeded_array(seed + 1, (8, 3, 5, 5), scale=0.2),
+                    seeded_array(seed + 2, (8,)), activation, (8, out, out))
+    context = KernelContext()
+    context.threads = threads
+    spec = KernelSpec("Conv", case.attrs, case.weights, (case.in_shape,), (case.out_shape,), activation=activation,
+                      context=context)
+    with constants_set(numpy_conv, BLOCKED_IM2COL_MIN=0, BLOCK_COLUMNS=block):
+        kernel = factories("numba")["Conv"](spec)
+    ran: list[bool] = []
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        ran.append(numba_conv.blocked_conv(*args))
+        return ran[-1]
+
+    kernel.micro = dataclasses.replace(kernel.micro, blocked_conv=spy)
+    y = np.full((1, *case.out_shape), np.nan, dtype=np.float32)
+    kernel([case.x], [y])
+    blas_split = pytest.importorskip("parsicore.kernels.numba_backend.blas_split")
+    wide = out > numba_conv.GATHER_IM2COL_MAX_WIDTH and len(kernel.row_blocks) > 1
+    assert ran == [wide and blas_split.available()]
+    want, scale = expected(case)
+    assert_close(y, want, scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_stem_sized_im2col_runs_in_row_blocks(backend: str) -> None:
     """A 7x7 stride-2 stem with a column matrix past BLOCKED_IM2COL_MIN (147 x 88*88) takes row blocks, and

@@ -82,7 +82,9 @@ def _sgemm_lp64(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):  # type: i
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
-def _sgemm(address, ilp64, m, n, k, a, lda, b, ldb, c, ldc):
+def sgemm(address, ilp64, m, n, k, a, lda, b, ldb, c, ldc):
+    """Numba-callable: C = A @ B through the cblas_sgemm at ``address`` (:func:`sgemm_address`); row-major, the
+    pointers uint64, the leading dimensions in floats."""
     if ilp64:
         _sgemm_ilp64(address, m, n, k, a, lda, b, ldb, c, ldc)
     else:
@@ -90,22 +92,20 @@ def _sgemm(address, ilp64, m, n, k, a, lda, b, ldb, c, ldc):
 
 
 @serial_and_parallel
-def _split_kernel(address, ilp64, a, b, out, by_rows, chunks):
-    """out[x] = a[x] @ b[x] for every slice x: a float32 (X, M, K), b (X, K, N), out (X, M, N), all C-contiguous.
-    ``chunks`` chunks in all: with X >= chunks a run of whole slices each, else each slice cut into chunks // X
-    row blocks (``by_rows``) or column blocks of b and out (chunks past the last slice do nothing)."""
-    slices, m, k = a.shape
-    n = b.shape[2]
+def _split_kernel(address, ilp64, a0, sa, lda, b0, sb, ldb, c0, sc, ldc, slices, m, n, k, by_rows, chunks):
+    """C[x] = A[x] @ B[x] for every slice x < ``slices``: A (M, K), B (K, N), C (M, N) float32 at the addresses
+    a0 + x*sa (rows lda apart), b0 + x*sb (ldb), c0 + x*sc (ldc); strides in floats. ``chunks`` chunks in all:
+    with slices >= chunks a run of whole slices each, else each slice cut into chunks // slices row blocks
+    (``by_rows``) or column blocks of B and C (chunks past the last slice do nothing)."""
     u = np.uint64
     f = u(4)  # bytes per float32
-    a0, b0, c0 = a.ctypes.data, b.ctypes.data, out.ctypes.data
     per_slice = max(1, chunks // slices)
     for chunk in numba.prange(chunks):
         if slices >= chunks:
             x0, x1 = chunk_bounds(chunk, chunks, slices)
             for x in range(x0, x1):
-                _sgemm(address, ilp64, m, n, k, a0 + u(x * m * k) * f, k, b0 + u(x * k * n) * f, n,
-                       c0 + u(x * m * n) * f, n)
+                sgemm(address, ilp64, m, n, k, a0 + u(x * sa) * f, lda, b0 + u(x * sb) * f, ldb,
+                       c0 + u(x * sc) * f, ldc)
         else:
             x = chunk // per_slice
             part = chunk % per_slice
@@ -114,13 +114,28 @@ def _split_kernel(address, ilp64, a, b, out, by_rows, chunks):
             if by_rows:
                 r0, r1 = chunk_bounds(part, per_slice, m)
                 if r1 > r0:
-                    _sgemm(address, ilp64, r1 - r0, n, k, a0 + u((x * m + r0) * k) * f, k, b0 + u(x * k * n) * f, n,
-                           c0 + u((x * m + r0) * n) * f, n)
+                    sgemm(address, ilp64, r1 - r0, n, k, a0 + u(x * sa + r0 * lda) * f, lda, b0 + u(x * sb) * f,
+                           ldb, c0 + u(x * sc + r0 * ldc) * f, ldc)
             else:
                 j0, j1 = chunk_bounds(part, per_slice, n)
                 if j1 > j0:
-                    _sgemm(address, ilp64, m, j1 - j0, k, a0 + u(x * m * k) * f, k, b0 + u(x * k * n + j0) * f, n,
-                           c0 + u(x * m * n + j0) * f, n)
+                    sgemm(address, ilp64, m, j1 - j0, k, a0 + u(x * sa) * f, lda, b0 + u(x * sb + j0) * f, ldb,
+                           c0 + u(x * sc + j0) * f, ldc)
+
+
+def _layout(x: np.ndarray) -> tuple[int, int, int] | None:
+    """(address, slice stride, row stride) of a float32 matrix or stack of matrices whose rows are unit-stride
+    (strides in floats; a 2-D array's slice stride 0), or None for another layout (negative, non-unit or
+    unaligned strides)."""
+    if x.dtype != np.float32 or x.ndim not in (2, 3) or x.strides[-1] != 4 and x.shape[-1] > 1:
+        return None
+    strides = x.strides if x.ndim == 3 else (0, *x.strides)
+    if any(st < 0 or st % 4 for st in strides[:2]):
+        return None
+    row = strides[1] // 4 if x.shape[-2] > 1 else x.shape[-1]
+    if row < x.shape[-1]:
+        return None
+    return x.ctypes.data, strides[0] // 4, max(row, 1)
 
 
 @functools.cache
@@ -149,24 +164,27 @@ def available() -> bool:
 
 def split_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, threads: int, by_rows: bool) -> bool:
     """out = a @ b on ``threads`` threads of Numba's pool, one OpenBLAS call per chunk: a float32 (M, K) or
-    (X, M, K), b (K, N) or (X, K, N), out (M, N) or (X, M, N), each C-contiguous (out is written in place).
+    (X, M, K), b (K, N) or (X, K, N), out (M, N) or (X, M, N) written in place; each with unit-stride rows (row
+    and slice strides free: a column block of a wider matrix is fine), out sharing no memory with a or b.
     2-D: ``threads`` row blocks of a and out (``by_rows``) or column blocks of b and out. A stack: whole slices
-    per thread. Returns False, computing nothing, where it cannot run (no cblas_sgemm, or an operand not
-    C-contiguous float32 of matching shapes): the caller then splits the GEMM its own way."""
+    per thread. Returns False, computing nothing, where it cannot run (no cblas_sgemm, fewer than 2 threads, or
+    operands of other shapes, dtypes or layouts): the caller then splits the GEMM its own way."""
     found = sgemm_address()
-    if found is None or threads < 2:
+    if found is None or threads < 2 or not (a.ndim == b.ndim == out.ndim):
         return False
-    operands = (a, b, out)
-    if (any(not x.flags.c_contiguous or x.dtype != np.float32 or x.ndim != a.ndim for x in operands)
-            or a.ndim not in (2, 3)):
+    layouts = [_layout(x) for x in (a, b, out)]
+    if None in layouts:
         return False
-    a3, b3, out3 = (x.reshape((1, *x.shape)) if x.ndim == 2 else x for x in operands)
-    slices, m, k = a3.shape
-    n = b3.shape[2]
-    if b3.shape != (slices, k, n) or out3.shape != (slices, m, n) or not (m and n and k):
+    (a0, sa, lda), (b0, sb, ldb), (c0, sc, ldc) = layouts  # type: ignore[misc]
+    slices = a.shape[0] if a.ndim == 3 else 1
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if b.shape != (*a.shape[:-2], k, n) or out.shape != (*a.shape[:-2], m, n) or not (m and n and k and slices):
         return False
-    chunks = threads
+    if (slices > 1 and sc < m * ldc) or np.may_share_memory(out, a) or np.may_share_memory(out, b):
+        return False  # out's slices overlap (a broadcast), or out overlaps an operand
     address, ilp64 = found
     # work = 1 << 62: the caller decided to split; the kernel pair's own threshold must not undo that.
-    _split_kernel(threads, 1 << 62, address, ilp64, a3, b3, out3, by_rows, chunks)
+    _split_kernel(threads, 1 << 62, address, ilp64, a0, sa, lda, b0, sb, ldb, c0, sc, ldc, slices, m, n, k, by_rows,
+                  threads)
     return True

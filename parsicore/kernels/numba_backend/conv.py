@@ -204,6 +204,65 @@ def im2col(x: np.ndarray, channels: np.ndarray | None, geom: ConvGeometry, out: 
                    g.top, g.left, g.ho, g.wo, out)
 
 
+# --- blocked im2col convs on the pool ----------------------------------------------------------------------
+
+# Serial builds called per block from the pool's threads below (a KernelPair is not callable from Numba code).
+_im2col_rows = _im2col_kernel.serial
+_finish_rows = bias_activation_rows.serial
+
+
+@serial_and_parallel
+def _blocked_conv_kernel(address, ilp64, x, channels, weights, blocks, kh, kw, stride_h, stride_w, dil_h, dil_w,
+                         left, wo, bias, has_bias, code, alpha, beta, lo, hi, chunks, scratch, y):
+    """One image of a blocked im2col conv, its row blocks shared out over ``chunks`` threads, each block's
+    im2col, GEMM (OpenBLAS's cblas_sgemm at ``address``, see blas_split) and epilogue back to back on one thread.
+
+    x: float32 (C, H, W) C-contiguous; channels: int64 (C,) 0..C-1; weights: float32 (K, C*kh*kw) C-contiguous;
+    blocks: int64 (B, 5) per block its first input row, last + 1, first output column, last + 1 and the padding
+    rows above it (numpy_backend.conv._row_blocks); scratch: float32 (chunks, >= C*kh*kw * the widest block);
+    y: float32 (K, P) C-contiguous, every column written."""
+    k, depth = weights.shape
+    p = y.shape[1]
+    u = np.uint64
+    for chunk in numba.prange(chunks):
+        first, last = chunk_bounds(chunk, chunks, blocks.shape[0])
+        for i in range(first, last):
+            r0, r1, p0, p1, top = blocks[i, 0], blocks[i, 1], blocks[i, 2], blocks[i, 3], blocks[i, 4]
+            width = p1 - p0
+            rows = np.ascontiguousarray(x[:, r0:r1])
+            cols = scratch[chunk, : depth * width].reshape(depth, width)
+            _im2col_rows(rows, channels, kh, kw, stride_h, stride_w, dil_h, dil_w, top, left, width // wo, wo, cols)
+            blas_split.sgemm(address, ilp64, k, width, depth, weights.ctypes.data, depth, cols.ctypes.data, width,
+                             y.ctypes.data + u(p0) * u(4), p)
+            _finish_rows(y, p0, p1, bias, has_bias, code, alpha, beta, lo, hi)
+
+
+def blocked_conv(x: np.ndarray, weights: np.ndarray, blocks: np.ndarray, geom: ConvGeometry, bias: np.ndarray | None,
+                 act: Activation | None, y: np.ndarray, context: KernelContext) -> bool:
+    """One image of a blocked im2col conv (numpy_backend.conv.ConvKernel._blocked_image) with its row blocks over
+    the run's threads in Numba's pool: x float32 (C, H, W); weights float32 (K, C*kh*kw); blocks int64 (B, 5) as
+    _blocked_conv_kernel; y float32 (K, Ho*Wo) C-contiguous. False, computing nothing, where it does not apply
+    (no cblas_sgemm, one thread or one block, outputs narrow enough for the gathering im2col, groups)."""
+    found = blas_split.sgemm_address()
+    threads = context.threads
+    g = geom
+    if (found is None or threads is None or threads < 2 or blocks.shape[0] < 2 or g.wo <= GATHER_IM2COL_MAX_WIDTH
+            or g.groups != 1 or not y.flags.c_contiguous or not weights.flags.c_contiguous):
+        return False
+    chunks = min(threads, blocks.shape[0])
+    widest = int((blocks[:, 3] - blocks[:, 2]).max())
+    depth = weights.shape[1]
+    (flat,) = context.scratch(chunks * depth * widest)
+    code, alpha, beta, lo, hi = activation_params(act)
+    has_bias = bias is not None
+    address, ilp64 = found
+    _blocked_conv_kernel(threads, 1 << 62, address, ilp64, np.ascontiguousarray(x, dtype=np.float32),
+                         all_indices(g.c), weights, blocks, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
+                         g.left, g.wo, bias if has_bias else zeros(g.k), has_bias, code, alpha, beta, lo, hi, chunks,
+                         flat.reshape(chunks, depth * widest), y)
+    return True
+
+
 # --- gathers and epilogue --------------------------------------------------------------------------------
 
 
@@ -602,6 +661,15 @@ def _depthwise_3x3_flat_kernel(x, filters, bias, channels, modes, stride, chunks
                 d += uwo
 
 
+#: Fewest outputs for which the flat 3x3 depthwise kernel takes its parallel build, whatever
+#: parallel.MIN_PARALLEL_WORK says: with spinning threads (MIN_PARALLEL_WORK 2^16) MobileNetV2's flat depthwise
+#: convs ran slower on 2 threads than on 1 (32 x 112x112 408 against 241 us, 192 x 28x28 114 against 70, 384 x
+#: 14x14 63 against 41; python scripts/profile_steps.py mobilenet_v2.h5 --threads 2 --b-work 1048576, fourteenth
+#: session, Zen 4 VM), the kernel's code in a per-chunk call made no difference; the phase-plane kernel of the
+#: stride-2 96 x 112x112 -> 56x56 conv gained (227 against 422 us) and keeps the general rule.
+FLAT_DEPTHWISE_PARALLEL_WORK = 1 << 20
+
+
 #: Channels per block of the channels-last depthwise kernel: 4 AVX-512 registers of float32. A literal in
 #: the loops below (Numba compiles module constants in), so LLVM sees a fixed trip count and vectorises
 #: without remainder loops; a block with fewer channels is padded with zeros.
@@ -720,8 +788,9 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     if path == "flat3x3":  # reads the filters of ``channels`` in place
         channels = all_indices(g.c) if channels is None else np.ascontiguousarray(channels, dtype=np.int64)
         modes = _all_compute(n, g.c) if modes is None else modes
-        # Work as for taps3x3 below: elements written.
-        _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, channels, modes, g.stride_h,
+        # Work as for taps3x3 below: elements written; serial below FLAT_DEPTHWISE_PARALLEL_WORK.
+        work = out.size if out.size >= FLAT_DEPTHWISE_PARALLEL_WORK else 0
+        _depthwise_3x3_flat_kernel(threads, work, x, filters, bias, channels, modes, g.stride_h,
                                    chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
         return
     if channels is not None:
@@ -788,6 +857,7 @@ NUMBA_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_a
                                       row_gemm_wide=row_gemm.wide if row_gemm.ENABLED else None,
                                       split_matmul=blas_split.split_matmul if blas_split.available() else None,
                                       split_min_macs=lambda: parallel.MIN_PARALLEL_MACS,
+                                      blocked_conv=blocked_conv,
                                       zero_other_rows=zero_other_rows)
 
 

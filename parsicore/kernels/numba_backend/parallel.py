@@ -26,16 +26,20 @@ import numba
 from parsicore import threads
 from parsicore.kernels.numba_backend import pool_pinning
 
-#: Below this many elements of work a kernel runs serially even when threads are allowed (tuned with
-#: numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1; on a
-#: Xeon VM 2^18 made MobileNetV2 1.17x slower with 2 threads than with 1, 2^20 1.06x, with ResNet-18-gated50
-#: still gaining, 0.88x). A parallel kernel also costs its reader: the half of its output written on the
-#: other core is read by the next step on this one (scripts/profile_steps.py MODEL --serial-numba shows it).
-MIN_PARALLEL_WORK = 1 << 20
-
 #: Whether this process's OpenMP threads wait spinning between parallel regions (parsicore.threads.threads_spin;
 #: read once, as libgomp reads the environment once, when the threading layer loads).
 SPINNING = threads.threads_spin()
+
+#: Below this many elements of work a kernel runs serially even when threads are allowed. Sleeping threads: 2^20
+#: (tuned with numpy_backend.conv.PARALLEL_GEMM_MACS: 2^16 made small models slower with 2 threads than with 1;
+#: on a Xeon VM 2^18 made MobileNetV2 1.17x slower with 2 threads than with 1, 2^20 1.06x, with
+#: ResNet-18-gated50 still gaining, 0.88x). Spinning threads (x86-64 by default): 2^16; against 2^20 (python
+#: scripts/ab_settings.py MODEL --threads 2 --a "parallel.MIN_PARALLEL_WORK=1048576" --b
+#: "parallel.MIN_PARALLEL_WORK=65536", fourteenth session, Zen 4 VM): small CNN 0.943, VGG-style 0.917, ResNet-18
+#: 0.958, ResNet-18-gated50 0.858, MobileNetV2 0.998, default model 0.998, MobileNetV2-gated50 1.045; 2^15 and
+#: 2^17 against 2^16 within 0.96-1.10 either way. A parallel kernel also costs its reader: the half of its output
+#: written on the other core is read by the next step on this one (scripts/profile_steps.py MODEL --serial-numba).
+MIN_PARALLEL_WORK = 1 << 16 if SPINNING else 1 << 20
 
 #: GEMMs of at least this many MACs run split over the pool: the row GEMM, the packed GEMM and, through
 #: blas_split, OpenBLAS's. Sleeping threads (OMP_WAIT_POLICY=PASSIVE) cost ~15-100 us to wake, and only GEMMs

@@ -351,6 +351,9 @@ class ConvMicrokernels:
     split_matmul: Callable[[np.ndarray, np.ndarray, np.ndarray, int, bool], bool] | None = None
     #: () -> the fewest MACs of a GEMM split_matmul takes (below, one call on the calling thread).
     split_min_macs: Callable[[], int] | None = None
+    #: (x (C, H, W), weights (K, C*kh*kw), blocks int64 (B, 5), geom, bias, act, y (K, P), context) -> bool: one
+    #: image of a blocked im2col conv with its blocks over the backend's pool; False where it cannot. None: never.
+    blocked_conv: Callable[..., bool] | None = None
 
 
 NUMPY_MICROKERNELS = ConvMicrokernels(im2col=im2col, depthwise=depthwise, bias_activation=bias_activation,
@@ -409,6 +412,9 @@ class ConvKernel:
         self.row_blocks = _row_blocks(geom) if (
             self.path == "im2col_gemm" and geom.groups == 1 and geom.c * geom.kh * geom.kw * geom.pixels
             >= BLOCKED_IM2COL_MIN) else None
+        #: The row blocks as int64 (B, 5): first input row, last + 1, first output column, last + 1, padding above.
+        self.block_table = None if self.row_blocks is None else np.array(
+            [(r0, r1, p0, p1, sub.top) for r0, r1, p0, p1, sub in self.row_blocks], dtype=np.int64).reshape(-1, 5)
         bias = spec.weights.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(geom.k)
         packed_gemm = micro.packed_gemm
@@ -545,6 +551,10 @@ class ConvKernel:
 
         threads = self.context.threads
         if threads is not None and threads > 1:
+            # A backend's own pool first (numba: the blocks on its threads, no helper thread beside them).
+            if self.micro.blocked_conv is not None and self.micro.blocked_conv(
+                    x, self.packed_2d, self.block_table, g, self.bias, self.activation, y, self.context):
+                return
             run_chunks(task, len(blocks), threads)
         else:
             for i in range(len(blocks)):
