@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_models  # noqa: E402
 
-from parsicore.bench import command_peak_rss_mb  # noqa: E402
+from parsicore.bench import BenchConfig, command_peak_rss_mb  # noqa: E402
 
 BEGIN = "<!-- bench-matrix:begin -->"
 END = "<!-- bench-matrix:end -->"
@@ -332,12 +332,17 @@ with blas_limited(threads):
         except PeerUnavailable:
             pass
     times = {(name, engine): [] for name, engine, _ in calls}
-    for i in range(job["warmup"] + job["runs"]):
-        for name, engine, call in calls:
-            t0 = time.perf_counter()
+    for _ in range(job["warmup"]):
+        for _, _, call in calls:
             call()
-            if i >= job["warmup"]:
-                times[(name, engine)].append((time.perf_counter() - t0) * 1000)
+    block = job["block"]  # as parsicore bench: turns of `block` calls, the first of each untimed
+    while any(len(v) < job["runs"] for v in times.values()):
+        for name, engine, call in calls:
+            for j in range(block):
+                t0 = time.perf_counter()
+                call()
+                if (j > 0 or block == 1) and len(times[(name, engine)]) < job["runs"]:
+                    times[(name, engine)].append((time.perf_counter() - t0) * 1000)
 for (name, engine), values in times.items():
     key = "" if engine == "parsicore" else "ort_"
     out[name][key + "median_ms"] = float(np.median(values))
@@ -349,7 +354,7 @@ print(json.dumps(out))
 def skip_curve(root: Path, models: list[tuple[str, Path]], threads: int, runs: int, warmup: int) -> dict[str, Any]:
     """parsicore alone on a dense model and its gated variants, interleaved: {name: medians, MACs...}."""
     job = {"models": [(name, str(path)) for name, path in models], "threads": threads, "runs": runs,
-           "warmup": warmup}
+           "warmup": warmup, "block": BenchConfig(threads=threads).block}
     cmd = [sys.executable, "-c", _SKIP_SNIPPET, json.dumps(job)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(root), cwd=root, check=False)
     if done.returncode != 0:
@@ -724,11 +729,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         *machine_lines(info),
         f"- load average while the matrix ran: {min(r.load_before for r in rows) if rows else 0:.1f} to "
         f"{max(r.load_after for r in rows) if rows else 0:.1f} on {info.get('cpus')} CPUs (other jobs share this "
-        "machine: absolute figures are slower than on a quiet one; the interleaved calls keep the ratios fair)",
+        "machine: absolute figures are slower than on a quiet one; the engines' alternating turns keep the ratios "
+        "fair)",
         "",
         "### Results",
         "",
-        "Batch 1, median of the timed calls, calls of the three engines interleaved. \"synthetic X % off\": "
+        f"Batch 1, median of the timed calls; the three engines take turns of {BenchConfig(threads=1).block} calls, "
+        "the first of each turn untimed (`parsicore bench --block`). \"synthetic X % off\": "
         "ResNet-18/MobileNetV2 with LKAM gates forced to switch X % of every gated layer's kernels off "
         "(scripts/bench_models.py), a measuring device for skip efficiency, not a trained model; ORT and torch "
         "run those gates densely. MACs executed: parsicore's, as a fraction of the (gated) model's dense MACs. "
@@ -739,8 +746,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         *([
             "### Skip efficiency",
             "",
-            "The dense model and its synthetic-sparsity variants loaded in one process and called in turn, each by "
-            "parsicore then by ONNX Runtime (so every column saw the same machine load): parsicore's median ms, then "
+            "The dense model and its synthetic-sparsity variants loaded in one process and called in turns (as "
+            "above), each by parsicore then by ONNX Runtime (so every column saw the same machine load): "
+            "parsicore's median ms, then "
             "the ratio to the dense model's latency and the ratio of the MACs executed (gate overhead included); "
             "perfect skipping would make the two ratios equal. These runs decide the gated targets and draw the plot.",
             "",
