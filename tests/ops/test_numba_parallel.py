@@ -29,13 +29,9 @@ from tests.strategies import seeded_array
 parallel = pytest.importorskip("parsicore.kernels.numba_backend.parallel")
 
 
-numba_conv = pytest.importorskip("parsicore.kernels.numba_backend.conv")
-
-
 @pytest.fixture(autouse=True)
 def _always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parallel, "MIN_PARALLEL_WORK", 0)
-    monkeypatch.setattr(numba_conv, "FLAT_DEPTHWISE_PARALLEL_WORK", 0)  # the flat 3x3 kernel's own floor
 
 
 @pytest.mark.parametrize("path", ["im2col_gemm", "gemm_1x1", "grouped", "depthwise"])

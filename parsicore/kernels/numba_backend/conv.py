@@ -561,6 +561,31 @@ def _deinterleaved_taps(e, od, q, wo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_o
 
 @serial_and_parallel
 def _depthwise_3x3_flat_kernel(x, filters, bias, channels, modes, stride, chunks, code, alpha, beta, lo, hi, out):
+    """As _depthwise_3x3_flat_planes (same arguments), its planes (n*C + c) cut into ``chunks`` runs, each run one
+    call of it. Numba's parallel build of the planes loop itself ran ~2x slower than its serial build, even on one
+    thread (32 x 112x112: 340 against 163 us; 192 x 28x28: 102 against 56; python one-off, hot); a serial build
+    called per run keeps its speed, and 2 threads then take 82 and 31 us."""
+    n_images, c_count, h, w = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    tasks = n_images * c_count
+    planes_in = x.reshape(-1)
+    planes_out = out.reshape(-1)
+    task_channels = np.empty(tasks, dtype=np.int64)
+    task_modes = np.empty(tasks, dtype=np.int8)
+    for t in range(tasks):
+        task_channels[t] = channels[t % c_count]
+        task_modes[t] = modes[t // c_count, t % c_count]
+    for chunk in numba.prange(chunks):
+        t0, t1 = chunk_bounds(chunk, chunks, tasks)
+        if t1 > t0:
+            _depthwise_3x3_flat_planes(planes_in[t0 * h * w:t1 * h * w].reshape(1, t1 - t0, h, w), filters, bias,
+                                       task_channels[t0:t1], task_modes[t0:t1].reshape(1, t1 - t0), stride, 1, code,
+                                       alpha, beta, lo, hi,
+                                       planes_out[t0 * ho * wo:t1 * ho * wo].reshape(1, t1 - t0, ho, wo))
+
+
+@jit
+def _depthwise_3x3_flat_planes(x, filters, bias, channels, modes, stride, chunks, code, alpha, beta, lo, hi, out):
     """3x3 taps, dilation 1, padding 1 above and to the left; stride 1 (out (Ho, Wo) = (H, W)) or 2 (W even,
     Wo = W / 2, any Ho: rows past the input read zeros). x: float32 (N, C, H, W) C-contiguous; filters:
     (F, 3, 3); bias: (F,); channels: int64 (C,), plane c's filter and bias (< F: a gated conv's active
@@ -659,15 +684,6 @@ def _depthwise_3x3_flat_kernel(x, filters, bias, channels, modes, stride, chunks
                 else:
                     finish_span(acc, a, of, d, uwo, b, code, alpha, beta, lo, hi)
                 d += uwo
-
-
-#: Fewest outputs for which the flat 3x3 depthwise kernel takes its parallel build, whatever
-#: parallel.MIN_PARALLEL_WORK says: with spinning threads (MIN_PARALLEL_WORK 2^16) MobileNetV2's flat depthwise
-#: convs ran slower on 2 threads than on 1 (32 x 112x112 408 against 241 us, 192 x 28x28 114 against 70, 384 x
-#: 14x14 63 against 41; python scripts/profile_steps.py mobilenet_v2.h5 --threads 2 --b-work 1048576, fourteenth
-#: session, Zen 4 VM), the kernel's code in a per-chunk call made no difference; the phase-plane kernel of the
-#: stride-2 96 x 112x112 -> 56x56 conv gained (227 against 422 us) and keeps the general rule.
-FLAT_DEPTHWISE_PARALLEL_WORK = 1 << 20
 
 
 #: Channels per block of the channels-last depthwise kernel: 4 AVX-512 registers of float32. A literal in
@@ -788,10 +804,11 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     if path == "flat3x3":  # reads the filters of ``channels`` in place
         channels = all_indices(g.c) if channels is None else np.ascontiguousarray(channels, dtype=np.int64)
         modes = _all_compute(n, g.c) if modes is None else modes
-        # Work as for taps3x3 below: elements written; serial below FLAT_DEPTHWISE_PARALLEL_WORK.
-        work = out.size if out.size >= FLAT_DEPTHWISE_PARALLEL_WORK else 0
-        _depthwise_3x3_flat_kernel(threads, work, x, filters, bias, channels, modes, g.stride_h,
-                                   chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
+        # Work as for taps3x3 below: elements written. One run of planes where the serial build will run: each run
+        # zeroes its own plane buffer (16 runs: 177 against 152 us for 32 x 112x112, one-off).
+        split = threads != 1 and out.size >= parallel.MIN_PARALLEL_WORK
+        _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, channels, modes, g.stride_h,
+                                   chunk_count(n * g.c) if split else 1, code, alpha, beta, lo, hi, out)
         return
     if channels is not None:
         filters, bias = filters[channels], bias[channels]
