@@ -43,13 +43,14 @@ def rows_everywhere() -> contextlib.AbstractContextManager[None]:
 
 
 @given(x=st.sampled_from([None, 1, 3]), m=st.integers(1, 30), k=st.integers(1, 300), n=st.integers(1, 150),
-       has_bias=st.booleans(), act=activations(), threads=st.sampled_from([1, 2]), block=st.sampled_from([5, 128]),
+       has_bias=st.booleans(), act=activations(), threads=st.sampled_from([1, 2, 3]), block=st.sampled_from([5, 128]),
        seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_row_gemm_matches_reference(x: int | None, m: int, k: int, n: int, has_bias: bool, act: Activation | None,
                                     threads: int, block: int, seed: int, data: st.DataObject) -> None:
     """out[..., dest[i]] = act(w[..., rows[i]] @ b + bias[dest[i]]) at every edge: tiles of fewer than ROWS rows,
     columns past a tile (masked lanes) and past COLUMNS, K blocks of 5 steps, a stack of slices, scattered or
-    compact destination rows (other rows untouched), 2 threads splitting the tiles."""
+    compact destination rows (other rows untouched), 2 or 3 threads splitting the row tiles or, for one GEMM
+    wider than tall, the column blocks."""
     lead = () if x is None else (x,)
     w = seeded_array(seed, (*lead, m, k))
     b = seeded_array(seed + 1, (*lead, k, n))
@@ -60,7 +61,7 @@ def test_row_gemm_matches_reference(x: int | None, m: int, k: int, n: int, has_b
     bias = seeded_array(seed + 2, (total,)) if has_bias else None
     out = np.full((*lead, total, n), np.nan, dtype=np.float32)
     with constants_set(row_gemm, DEPTH=block):
-        row_gemm.row_gemm(w, rows, b, out, bias, act, thread_context(threads), dest=dest, parallel=threads == 2)
+        row_gemm.row_gemm(w, rows, b, out, bias, act, thread_context(threads), dest=dest, parallel=threads > 1)
     written = rows if dest is None else dest
     exact = np.matmul(w[..., rows, :].astype(np.float64), b.astype(np.float64))
     want = (exact + (0.0 if bias is None else bias[written, None])).astype(np.float32)

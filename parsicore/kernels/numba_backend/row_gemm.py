@@ -205,12 +205,13 @@ def tile_finish(typingctx, rows, w, w_off, offs, offs_at, b, b_off, ldb, ncols, 
 
 @serial_and_parallel
 def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, has_bias, code, alpha, beta, lo, hi,
-                     chunks, out):
+                     chunks, by_columns, out):
     """A stack of X GEMMs (X = b.size // (depth * n); one for a conv, Winograd's slices): w float32 flat, slice x's
     weights from w[x * w_stride]; offs int64 (R + ROWS,): row i's first weight there at offs[i]; b float32 flat
     (X, depth, n); dest int64 (R,); out float32 flat (X, d_rows, n): out[x, dest[i]] = act(row i of slice x @ b[x]
     + bias[dest[i]]). Each slice's tiles of ROWS rows split into ``chunks`` (slices x chunks tasks over the
-    threads); each task runs column blocks of COLUMNS, then K blocks of ``block`` steps (B's block stays in L1
+    threads), or with ``by_columns`` its column blocks (each task every row: B read once in all, W by every task);
+    each task runs column blocks of COLUMNS, then K blocks of ``block`` steps (B's block stays in L1
     while every tile of the task runs over it), then its tiles. Without an activation, with ReLU or clip, the last
     K block's tiles store their rows to out themselves (tile_finish); other activations finish each column block
     through the epilogue."""
@@ -225,14 +226,21 @@ def _row_gemm_kernel(w, w_stride, offs, depth, block, b, n, dest, d_rows, bias, 
         douts[i] = dest[i] * n
         if has_bias:
             bvals[i] = bias[dest[i]]
+    column_blocks = (n + COLUMNS - 1) // COLUMNS
     for task in numba.prange(slices * chunks):
         x = task // chunks
-        g0, g1 = chunk_bounds(task % chunks, chunks, groups)
+        if by_columns:
+            g0, g1 = 0, groups
+            cb0, cb1 = chunk_bounds(task % chunks, chunks, column_blocks)
+        else:
+            g0, g1 = chunk_bounds(task % chunks, chunks, groups)
+            cb0, cb1 = 0, column_blocks
         tiles = np.empty((g1 - g0) * ROWS * COLUMNS, dtype=np.float32)
         w0 = x * w_stride
         b0 = x * depth * n
         o0 = x * d_rows * n
-        for c0 in range(0, n, COLUMNS):
+        for cb in range(cb0, cb1):
+            c0 = cb * COLUMNS
             ncols = min(COLUMNS, n - c0)
             for k0 in range(0, depth, block):
                 finishing = fused and k0 + block >= depth
@@ -339,8 +347,16 @@ def row_gemm(w: np.ndarray, rows: np.ndarray, b: np.ndarray, out: np.ndarray, bi
     macs = slices * rows.size * k * n
     run_parallel = splits_gemm(threads, macs, parallel, parallel_macs)
     workers = numba.config.NUMBA_NUM_THREADS if threads is None else threads
-    chunks = min(-(-rows.size // ROWS), -(-workers // slices)) if run_parallel else 1
+    # Split the operand that is not read whole by every task: one GEMM wider than tall (MobileNetV2's wide 1x1s:
+    # 96 x 16 by 12544) by column blocks, so B (K x N) is read once in all, not once per task.
+    by_columns = run_parallel and slices == 1 and n > rows.size and n > COLUMNS
+    if not run_parallel:
+        chunks = 1
+    elif by_columns:
+        chunks = min(-(-n // COLUMNS), workers)
+    else:
+        chunks = min(-(-rows.size // ROWS), -(-workers // slices))
     offs = row_offsets(rows, k)
     _row_gemm_kernel(threads, macs if run_parallel else 0, w.reshape(-1), m * k, offs, k, DEPTH, b.reshape(-1), n,
                      dest, d_rows, bias if bias is not None else zeros(d_rows), bias is not None, code, alpha, beta,
-                     lo, hi, chunks, out.reshape(-1))
+                     lo, hi, chunks, by_columns, out.reshape(-1))
