@@ -188,26 +188,33 @@ def winograd_tiles(rng: np.random.Generator, rounds: int) -> None:
                 alternate(partial(im2col, x), partial(wino, x), rounds))
 
 
+def block_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, by_rows: bool, step: int, i: int) -> None:
+    """Block i of out = a @ b split as ConvKernel._matmul splits it: rows of a and out, or columns of b and out."""
+    s = slice(i * step, (i + 1) * step)
+    if by_rows:
+        np.matmul(a[s], b, out=out[s])
+    else:
+        np.matmul(a, b[:, s], out=out[:, s])
+
+
+def split_operands(rng: np.random.Generator, m: int, k: int,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """a (m, k), b (k, n), two outputs (m, n) and whether ConvKernel._matmul splits this GEMM by rows."""
+    a = rng.random((m, k), dtype=np.float32)
+    b = rng.random((k, n), dtype=np.float32)
+    return a, b, np.empty((m, n), np.float32), np.empty((m, n), np.float32), m >= 64 and a.size >= b.size
+
+
 def gemm_splits(rng: np.random.Generator, rounds: int) -> None:
     """One GEMM in one call against split in 2 and in 4 blocks over 2 threads (PARALLEL_GEMM_MACS,
     GEMM_CHUNKS_PER_THREAD), by rows or columns as ConvKernel._matmul splits it."""
     for m, kk, n in [(96, 16, 12544), (144, 24, 3136), (576, 96, 196), (960, 160, 49), (64, 147, 12544),
                      (256, 2304, 196), (512, 4608, 49)]:
-        a = rng.random((m, kk), dtype=np.float32)
-        b = rng.random((kk, n), dtype=np.float32)
-        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
-        by_rows = m >= 64 and a.size >= b.size  # as ConvKernel._matmul splits
+        a, b, o1, o2, by_rows = split_operands(rng, m, kk, n)
         np.matmul(a, b, out=o1)
         for blocks in (2, 4):
             step = -(-(m if by_rows else n) // blocks)
-
-            def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o2=o2) -> None:
-                s = slice(i * step, (i + 1) * step)
-                if by_rows:
-                    np.matmul(a[s], b, out=o2[s])
-                else:
-                    np.matmul(a, b[:, s], out=o2[:, s])
-
+            chunk = partial(block_matmul, a, b, o2, by_rows, step)
             count = -(-(m if by_rows else n) // step)
             o2.fill(np.nan)
             run_chunks(chunk, count, 2)
@@ -224,19 +231,8 @@ def pool_splits(rng: np.random.Generator, rounds: int) -> None:
     pin_blas_threads(2)  # OpenBLAS single-threaded: each block runs on the thread that calls it
     for m, kk, n in [(144, 24, 3136), (384, 64, 196), (576, 96, 196), (960, 160, 49), (64, 576, 3136),
                      (256, 2304, 196), (512, 4608, 49)]:
-        a = rng.random((m, kk), dtype=np.float32)
-        b = rng.random((kk, n), dtype=np.float32)
-        o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
-        by_rows = m >= 64 and a.size >= b.size  # as ConvKernel._matmul splits
-        step = -(-(m if by_rows else n) // 2)
-
-        def chunk(i: int, step: int = step, by_rows: bool = by_rows, a=a, b=b, o1=o1) -> None:
-            s = slice(i * step, (i + 1) * step)
-            if by_rows:
-                np.matmul(a[s], b, out=o1[s])
-            else:
-                np.matmul(a, b[:, s], out=o1[:, s])
-
+        a, b, o1, o2, by_rows = split_operands(rng, m, kk, n)
+        chunk = partial(block_matmul, a, b, o1, by_rows, -(-(m if by_rows else n) // 2))
         row(f"GEMM {m}x{kk}x{n} ({m * kk * n / 1e6:.1f}M MACs)", "helper threads", "Numba pool",
             alternate(partial(run_chunks, chunk, 2, 2), partial(blas_split.split_matmul, a, b, o2, 2, by_rows),
                       rounds))
