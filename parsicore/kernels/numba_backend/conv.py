@@ -804,11 +804,14 @@ def depthwise(x: np.ndarray, filters: np.ndarray, bias: np.ndarray | None, act: 
     if path == "flat3x3":  # reads the filters of ``channels`` in place
         channels = all_indices(g.c) if channels is None else np.ascontiguousarray(channels, dtype=np.int64)
         modes = _all_compute(n, g.c) if modes is None else modes
-        # Work as for taps3x3 below: elements written. One run of planes where the serial build will run: each run
-        # zeroes its own plane buffer (16 runs: 177 against 152 us for 32 x 112x112, one-off).
-        split = threads != 1 and out.size >= parallel.MIN_PARALLEL_WORK
+        # Work as for taps3x3 below: elements written. A serial call is one run of every plane, straight to the planes
+        # loop: each run zeroes its own plane buffer (16 runs: 177 against 152 us for 32 x 112x112, one-off).
+        if not parallel.wants_parallel(threads, out.size):
+            _depthwise_3x3_flat_planes(x, filters, bias, channels, modes, g.stride_h, 1, code, alpha, beta, lo, hi,
+                                       out)
+            return
         _depthwise_3x3_flat_kernel(threads, out.size, x, filters, bias, channels, modes, g.stride_h,
-                                   chunk_count(n * g.c) if split else 1, code, alpha, beta, lo, hi, out)
+                                   chunk_count(n * g.c), code, alpha, beta, lo, hi, out)
         return
     if channels is not None:
         filters, bias = filters[channels], bias[channels]

@@ -61,6 +61,12 @@ def splits_gemm(threads: int | None, macs: int, forced: bool | None = None, min_
     return macs >= (MIN_PARALLEL_MACS if min_macs is None else min_macs)
 
 
+def wants_parallel(threads: int | None, work: int) -> bool:
+    """Whether a kernel pair called with ``threads`` and ``work`` asks for its parallel build (it still runs the
+    serial one while another thread holds :data:`PARALLEL_GATE`)."""
+    return threads != 1 and work >= MIN_PARALLEL_WORK
+
+
 #: Whether the pool's workers are pinned off the caller's CPU before each parallel region (pool_pinning): only
 #: when they spin, the one case where a woken worker placed on the caller's CPU waits out the caller's spin.
 PIN_WORKERS = SPINNING and pool_pinning.available()
@@ -86,7 +92,7 @@ class KernelPair:
         self.__doc__ = py_func.__doc__
 
     def __call__(self, threads: int | None, work: int, *args: Any) -> Any:
-        if threads != 1 and work >= MIN_PARALLEL_WORK and PARALLEL_GATE.acquire(blocking=False):
+        if wants_parallel(threads, work) and PARALLEL_GATE.acquire(blocking=False):
             try:
                 # Numba's thread count is per calling thread; set here, so the pool starts only when used.
                 wanted = numba.config.NUMBA_NUM_THREADS if threads is None else min(threads,

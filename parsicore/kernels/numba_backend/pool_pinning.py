@@ -117,10 +117,10 @@ class WorkerPins:
         if numba.threading_layer() != "omp":  # known once the pool has run (worker_ids ran it)
             self._failed = True
             return False
-        cpus = plan(cpu, list(os.sched_getaffinity(0)), len(workers))
+        allowed = os.sched_getaffinity(0)
+        cpus = plan(cpu, list(allowed), len(workers))
         try:
             if cpus is None:
-                allowed = os.sched_getaffinity(0)
                 for tid in workers:
                     os.sched_setaffinity(tid, allowed)
                 self._state = None
