@@ -14,7 +14,8 @@ inputs on (dense GEMM vs weight-column gather + smaller GEMM), and parsicore's p
 cache; gated: gather_weights + np.matmul vs pack_gathered + packed_gemm), and row-gated GEMMs with the active
 rows gathered against row_gemm reading them in place, dense wide 1x1 GEMMs (OpenBLAS + epilogue against the
 row GEMM finishing its own tiles), 3x3 depthwise convs (phase planes against flat planes), and residual Adds with
-their ReLU (the numpy backend's two passes against the numba kernel's one). Every variant's
+their ReLU (the numpy backend's two passes against the numba kernel's one), and the flat depthwise kernel and the
+wide row GEMM on 1 thread against 2. Every variant's
 output is checked against the first's.
 The board settings (OPENBLAS_CORETYPE) are applied first, as the CLI does.
 """
@@ -43,6 +44,7 @@ from parsicore.kernels.numba_backend import blas_split, packed_gemm, row_gemm  #
 from parsicore.kernels.numba_backend import conv as numba_conv  # noqa: E402
 from parsicore.kernels.numba_backend import elementwise as numba_elementwise  # noqa: E402
 from parsicore.kernels.numba_backend import gather as numba_gather  # noqa: E402
+from parsicore.kernels.numba_backend import parallel as numba_parallel  # noqa: E402
 from parsicore.kernels.numba_backend import pool as numba_pool  # noqa: E402
 from parsicore.kernels.numba_backend import winograd as numba_winograd  # noqa: E402
 from parsicore.kernels.numpy_backend import conv as numpy_conv  # noqa: E402
@@ -439,6 +441,44 @@ def depthwise_3x3(rng: np.random.Generator, rounds: int) -> None:
             "phase planes", "flat planes", alternate(phases, flat, rounds))
 
 
+def two_threads(rng: np.random.Generator, rounds: int) -> None:
+    """The same kernel on 1 thread and on 2, under this process's wait policy (spinning on x86-64): MobileNetV2's
+    flat 3x3 depthwise convs (bias + ReLU6) and its wide 1x1 row GEMMs (a GEMM wider than tall splits by column
+    blocks). Parallel builds forced (parallel.MIN_PARALLEL_WORK 0, the row GEMM's parallel=True on 2 threads)."""
+    one, two = KernelContext(), KernelContext()
+    one.threads, two.threads = 1, 2
+    relu6 = Activation("clip", lo=0.0, hi=6.0)
+    saved = numba_parallel.MIN_PARALLEL_WORK
+    numba_parallel.MIN_PARALLEL_WORK = 0
+    try:
+        for c, size in [(32, 112), (144, 56), (192, 28), (384, 14), (960, 7)]:
+            geom = numpy_conv.ConvGeometry(c, size, size, c, size, size, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, c)
+            x = rng.standard_normal((1, c, size, size), dtype=np.float32)
+            filters = rng.standard_normal((c, 3, 3), dtype=np.float32) / np.float32(3.0)
+            bias = rng.standard_normal(c).astype(np.float32)
+            o1, o2 = np.empty((1, c, size, size), np.float32), np.empty((1, c, size, size), np.float32)
+            runs = [partial(numba_conv.depthwise, x, filters, bias, relu6, None, geom, out, ctx)
+                    for out, ctx in ((o1, one), (o2, two))]
+            row(f"depthwise 3x3 {c}x{size}x{size} (flat planes) + bias + ReLU6", "1 thread", "2 threads",
+                alternate(*runs, rounds))
+            np.testing.assert_allclose(o2, o1, rtol=1e-5, atol=1e-5)
+        if not row_gemm.ENABLED:
+            print("| wide row GEMM | not built on this machine (needs the 16-lane packed GEMM tile) | | |")
+            return
+        for m, k, n in [(96, 16, 12544), (144, 24, 3136), (192, 32, 784)]:
+            w = rng.standard_normal((m, k), dtype=np.float32) / np.float32(np.sqrt(k))
+            b = rng.standard_normal((k, n), dtype=np.float32)
+            bias = rng.standard_normal(m).astype(np.float32)
+            o1, o2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+            every = np.arange(m, dtype=np.int64)
+            runs = [partial(row_gemm.row_gemm, w, every, b, out, bias, relu6, ctx, parallel=ctx is two)
+                    for out, ctx in ((o1, one), (o2, two))]
+            row(f"row GEMM {m}x{k} by {n} + bias + ReLU6", "1 thread", "2 threads", alternate(*runs, rounds))
+            np.testing.assert_allclose(o2, o1, rtol=1e-4, atol=1e-4)
+    finally:
+        numba_parallel.MIN_PARALLEL_WORK = saved
+
+
 def residual_adds(rng: np.random.Generator, rounds: int) -> None:
     """Residual Adds and their ReLU (float32 (1, C, H, W) + the same shape; ResNet-18's four, and two of
     MobileNetV2's shapes, whose Adds have no activation): the numpy backend's kernel (np.add, then
@@ -478,7 +518,7 @@ PARTS = {"pools": pools, "row_gathers": row_gathers, "im2cols": im2cols, "weight
          "pool_splits": pool_splits,
          "pointwise_input_gathers": pointwise_input_gathers, "packed_gemm": packed_gemms, "row_gemm": row_gemms,
          "wide_row_gemm": wide_row_gemms, "depthwise_3x3": depthwise_3x3,
-         "residual_add": residual_adds}
+         "residual_add": residual_adds, "two_threads": two_threads}
 
 
 if __name__ == "__main__":

@@ -563,8 +563,10 @@ def _deinterleaved_taps(e, od, q, wo, w0, w1, w2, w3, w4, w5, w6, w7, w8, left_o
 def _depthwise_3x3_flat_kernel(x, filters, bias, channels, modes, stride, chunks, code, alpha, beta, lo, hi, out):
     """As _depthwise_3x3_flat_planes (same arguments), its planes (n*C + c) cut into ``chunks`` runs, each run one
     call of it. Numba's parallel build of the planes loop itself ran ~2x slower than its serial build, even on one
-    thread (32 x 112x112: 340 against 163 us; 192 x 28x28: 102 against 56; python one-off, hot); a serial build
-    called per run keeps its speed, and 2 threads then take 82 and 31 us."""
+    thread (32 x 112x112: 340 against 163 us; 192 x 28x28: 102 against 56; a one-off harness calling the two builds
+    directly); a serial build called per run keeps its speed. 2 threads against 1 now (python
+    scripts/bench_kernels.py --only two_threads, three runs on the Zen 4 VM, the second vCPU's share changing
+    between them): 32 x 112x112 0.64-1.07, 144 x 56x56 0.62-1.00, 192 x 28x28 0.77-1.09, 384 x 14x14 0.94-1.18."""
     n_images, c_count, h, w = x.shape
     ho, wo = out.shape[2], out.shape[3]
     tasks = n_images * c_count

@@ -348,7 +348,10 @@ def row_gemm(w: np.ndarray, rows: np.ndarray, b: np.ndarray, out: np.ndarray, bi
     run_parallel = splits_gemm(threads, macs, parallel, parallel_macs)
     workers = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     # Split the operand that is not read whole by every task: one GEMM wider than tall (MobileNetV2's wide 1x1s:
-    # 96 x 16 by 12544) by column blocks, so B (K x N) is read once in all, not once per task.
+    # 96 x 16 by 12544) by column blocks, so B (K x N) is read once in all, not once per task. Split by rows, 96x16
+    # by 12544 gained nothing from a second thread (469 against 445 us, one-off); by columns, 2 threads against 1
+    # (python scripts/bench_kernels.py --only two_threads, three runs): 0.56-0.69, 144x24 by 3136 0.51-0.89, 192x32
+    # by 784 0.74-1.00, the second vCPU's share of the Zen 4 VM changing between runs.
     by_columns = run_parallel and slices == 1 and n > rows.size and n > COLUMNS
     if not run_parallel:
         chunks = 1
