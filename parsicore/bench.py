@@ -13,7 +13,7 @@ How a run is made fair:
   (one call each) are not recorded, nor is the first call of each turn. That call follows another engine's,
   whose pool threads may still be spinning on the cores (parsicore's OpenMP threads ~1.5 ms on x86-64, see
   :mod:`parsicore.threads`; ONNX Runtime's ~0.5 ms even with ``session.intra_op.allow_spinning = 0``, measured
-  as process CPU time against wall time on a 2-vCPU VM; PyTorch's OpenMP threads read the same environment as
+  one-off as process CPU time against wall time on a 2-vCPU VM; PyTorch's OpenMP threads read the same environment as
   parsicore's) and whose data has just filled the caches: timing it would measure the neighbour, not the engine.
   With ``block=1`` every call is timed and engines alternate call by call (the tables up to the fourteenth
   session's were made so). ONNX Runtime's pool is still told not to spin between calls (its default spins ~20

@@ -52,9 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: libgomp spins of a thread between parallel regions on x86-64 (``GOMP_SPINCOUNT``). On the 2-vCPU Zen 4 VM of the
-#: fourteenth session (process CPU time after one region, then a sleep): 3000 ~0.15 ms, 10000 ~0.5 ms, 30000
-#: ~1.5 ms. The small CNN at 2 threads, 10 x 100 calls alone: 3000 and 10000 alternated between 0.41 and 0.65 ms
-#: a call (a gap between two regions of a call outlasted the spin), 30000 held 0.40-0.42.
+#: fourteenth session (process CPU time after one region, then a sleep; one-off): 3000 ~0.15 ms, 10000 ~0.5 ms,
+#: 30000 ~1.5 ms. The small CNN at 2 threads, 10 x 100 calls alone (one-off): 3000 and 10000 alternated between
+#: 0.41 and 0.65 ms a call (a gap between two regions of a call outlasted the spin), 30000 held 0.40-0.42. The
+#: first region after idle per spin count: python scripts/bench_thread_wakeup.py.
 SPIN_COUNT = 30000
 #: Machines (platform.machine(), lower case) whose threads spin by default: where it was measured.
 SPINNING_MACHINES = frozenset({"x86_64", "amd64"})
